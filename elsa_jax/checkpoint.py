@@ -14,6 +14,7 @@ run's configuration is all that resuming needs besides the arrays.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -131,6 +132,8 @@ class RunCheckpointer:
         ),
         force=True,
     )
+    if os.environ.get("ELSA_JAX_TEST_CRASH_IN_SAVE") == str(step):
+      os._exit(17)  # test hook: die while the asynchronous write is still in flight
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -189,6 +189,7 @@ def make_train_step(
 class RunResult:
   params: Any
   opt_state: Any
+  final_step: int
   steps_run: int
   history: list[dict[str, float]]
   tokens_per_second: float
@@ -346,4 +347,4 @@ def run(
       checkpointer.wait()
   elapsed = time.perf_counter() - t_first if t_first else 0.0
   tps = steps_timed * cfg.tokens_per_step / elapsed if elapsed > 0 and steps_timed else 0.0
-  return RunResult(params, opt_state, end - start, history, tps)
+  return RunResult(params, opt_state, end, end - start, history, tps)

@@ -1,0 +1,287 @@
+"""The jobs a user runs: prune a model, evaluate it, export it.
+
+Each job validates every input before doing any work (model path, sparsity,
+text long enough, mesh shape, checkpoint configuration, output directory), so
+bad input fails in seconds and never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elsa_jax import _admm
+from elsa_jax import assets
+from elsa_jax import checkpoint as checkpoint_lib
+from elsa_jax import data as data_lib
+from elsa_jax import evaluate as evaluate_lib
+from elsa_jax import llama
+from elsa_jax import sharding as sharding_lib
+from elsa_jax import train
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_TEXT = "default"
+
+#: Presets. ``cpu``: the short run that fits ~10 minutes on a 2-core CPU.
+#: ``full``: the budget of the measured prototype (1024 x 8 x 1024 tokens) for
+#: one GPU. ``paper``: the authors' LLaMA-2-7B recipe (4096 x 8 x 2048, lr 2e-4,
+#: Adam's own second moment as the score).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(steps=48, batch_size=4, seqlen=256, interval=8, lr=1e-3, eval_seqlen=512, eval_windows=16,
+                compute_dtype="float32"),
+    "full": dict(steps=1024, batch_size=8, seqlen=1024, interval=32, lr=1e-3, eval_seqlen=1024, eval_windows=0),
+    "paper": dict(steps=4096, batch_size=8, seqlen=2048, interval=32, lr=2e-4, eval_seqlen=2048, eval_windows=0,
+                  score_source="base_second_moment"),
+}
+
+
+def resolve_preset(name: str) -> dict[str, Any]:
+  """'auto' picks 'cpu' when JAX runs on the CPU and 'full' on an accelerator."""
+  if name == "auto":
+    name = "cpu" if jax.default_backend() == "cpu" else "full"
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; choose one of auto, {', '.join(PRESETS)}.")
+  return dict(PRESETS[name])
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  graphdef: Any
+  params: Any
+  config: llama.LlamaConfig
+  tokenizer: Any
+  source: str
+
+
+def load_model(spec: str, *, param_dtype=jnp.float32) -> LoadedModel:
+  """Loads 'default', a ``.gguf`` file, an HF directory or a hub id, with its tokenizer."""
+  from transformers import AutoTokenizer
+
+  if spec == DEFAULT_MODEL:
+    path = assets.default_model_path()
+    model, config = llama.from_gguf(path, param_dtype=param_dtype)
+    tokenizer = assets.default_tokenizer()
+  elif spec.endswith(".gguf"):
+    if not os.path.exists(spec):
+      raise FileNotFoundError(f"no GGUF file at {spec}; check the --model path.")
+    model, config = llama.from_gguf(spec, param_dtype=param_dtype)
+    tokenizer = llama.tokenizer_from_gguf(spec)
+  else:
+    model, config = llama.from_pretrained(spec, param_dtype=param_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(spec)
+  graphdef, params = llama.split(model)
+  return LoadedModel(graphdef, params, config, tokenizer, spec)
+
+
+def _logits_fn(graphdef, compute_dtype):
+  @jax.jit
+  def logits_fn(params, ids):
+    cparams = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+    return llama.apply(graphdef, cparams, ids)
+
+  return logits_fn
+
+
+def perplexity_of(model: LoadedModel, params: Any, eval_ids: np.ndarray, *, seqlen: int,
+                  max_windows: int = 0, batch_size: int = 4, compute_dtype="float32") -> float:
+  fn = _logits_fn(model.graphdef, jnp.dtype(compute_dtype))
+  result = evaluate_lib.perplexity(
+      lambda ids: fn(params, ids), eval_ids, seqlen=seqlen, batch_size=batch_size,
+      max_windows=max_windows or None,
+  )
+  return float(result)
+
+
+def check_output_dir(path: pathlib.Path, overwrite: bool) -> None:
+  if path.exists() and any(path.iterdir()) and not overwrite:
+    raise FileExistsError(
+        f"{path} already exists and is not empty; pass --overwrite to replace it or choose another --output."
+    )
+
+
+def export(model: LoadedModel, params: Any, out: str | pathlib.Path, *, overwrite: bool = False,
+           extra: dict[str, Any] | None = None) -> pathlib.Path:
+  """Writes an HF directory (config, safetensors, tokenizer, sparsity report) atomically."""
+  out = pathlib.Path(out)
+  check_output_dir(out, overwrite)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  try:
+    host_params = jax.device_get(params)
+    llama.save_pretrained((model.graphdef, host_params), model.config, tmp)
+    model.tokenizer.save_pretrained(tmp)
+    report = _admm.sparsity_report(host_params)
+    info = {"source_model": model.source, "sparsity_report": report}
+    info.update(extra or {})
+    (tmp / "elsa_jax.json").write_text(json.dumps(info, indent=2, default=float))
+    if out.exists():
+      shutil.rmtree(out)
+    os.replace(tmp, out)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+  return out
+
+
+def prune(
+    *,
+    model: str = DEFAULT_MODEL,
+    calib: str = DEFAULT_TEXT,
+    eval_text: str = DEFAULT_TEXT,
+    output: str | pathlib.Path = "runs/elsa",
+    cfg: train.ElsaConfig,
+    method: str = "elsa",
+    mesh_shape: tuple[int, int] = (-1, 1),
+    eval_seqlen: int = 1024,
+    eval_windows: int = 0,
+    checkpoint_every: int = 0,
+    keep: int = 2,
+    overwrite: bool = False,
+    compare_magnitude: bool = True,
+    evaluate_dense: bool = True,
+    text_field: str = "text",
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+  """Prunes ``model`` to ``cfg.sparsity`` and writes the pruned HF model to ``output/model``.
+
+  The run directory ``output`` holds ``checkpoints/`` (resumed automatically
+  when the same command runs again), ``metrics.jsonl``, ``summary.json`` and
+  the exported ``model/``.
+  """
+  t0 = time.perf_counter()
+  out = pathlib.Path(output)
+  model_dir = out / "model"
+  check_output_dir(model_dir, overwrite)
+  mesh = sharding_lib.make_mesh(*mesh_shape)
+  sharding_lib.fits_mesh(cfg.batch_size, mesh)
+  if method not in ("elsa", "magnitude"):
+    from elsa_jax import baselines  # noqa: F401  (wanda / sparsegpt)
+
+  loaded = load_model(model)
+  calib_docs = data_lib.load_documents(calib, split="calibration", text_field=text_field)
+  calib_tokens = data_lib.tokenize_documents(loaded.tokenizer, calib_docs)
+  windows = data_lib.CalibrationWindows(
+      calib_tokens, seqlen=cfg.seqlen, batch_size=cfg.batch_size * cfg.grad_accum, seed=cfg.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+  )
+  eval_docs = data_lib.load_documents(eval_text, split="evaluation", text_field=text_field)
+  eval_ids = evaluate_lib.eval_tokens(loaded.tokenizer, eval_docs)
+  if len(eval_ids) < eval_seqlen:
+    raise ValueError(
+        f"the evaluation text has {len(eval_ids)} tokens, fewer than one window of {eval_seqlen}; "
+        f"give more text or a smaller --eval-seqlen."
+    )
+
+  checkpointer = None
+  if method == "elsa":
+    run_config = {"model": model, "calib": calib, "method": method, **dataclasses.asdict(cfg)}
+    checkpointer = checkpoint_lib.RunCheckpointer(
+        out / "checkpoints", config=run_config, save_every=checkpoint_every, keep=keep,
+    )
+
+  summary: dict[str, Any] = {"model": model, "method": method, "config": dataclasses.asdict(cfg),
+                             "eval_seqlen": eval_seqlen}
+  ppl = lambda p: perplexity_of(loaded, p, eval_ids, seqlen=eval_seqlen, max_windows=eval_windows)
+  if evaluate_dense:
+    summary["dense_ppl"] = ppl(loaded.params)
+    print(f"dense perplexity: {summary['dense_ppl']:.3f}", flush=True)
+  sparsity = train.pattern_sparsity(cfg)
+  kind, nm = train.parse_pattern(cfg.pattern)
+  if compare_magnitude and method != "magnitude":
+    mag = _admm.finalize(loaded.params, sparsity=sparsity, pattern=kind,
+                         **({"n_m": nm} if nm else {}), projection="magnitude")
+    summary["magnitude_ppl"] = ppl(mag)
+    print(f"magnitude {cfg.pattern} {sparsity:.0%} perplexity: {summary['magnitude_ppl']:.3f}", flush=True)
+    del mag
+
+  if method == "elsa":
+    result = train.run(
+        loaded.graphdef, loaded.params, cfg, windows.batch, mesh=mesh,
+        logical_axes=llama.logical_axes_of(loaded.graphdef, loaded.params),
+        checkpointer=checkpointer, metrics_path=out / "metrics.jsonl", progress=progress,
+        stop_after=stop_after,
+    )
+    checkpointer.close()
+    if result.final_step < cfg.steps:  # interrupted on purpose (stop_after)
+      summary["stopped_at"] = result.final_step
+      return summary
+    pruned = _admm.finalize(result.params, result.opt_state, sparsity=sparsity, pattern=kind,
+                            **({"n_m": nm} if nm else {}), projection=cfg.projection)
+    summary["train_tokens_per_second"] = result.tokens_per_second
+    if result.history:
+      summary["final_metrics"] = result.history[-1]
+  elif method == "magnitude":
+    pruned = _admm.finalize(loaded.params, sparsity=sparsity, pattern=kind,
+                            **({"n_m": nm} if nm else {}), projection="magnitude")
+  else:
+    from elsa_jax import baselines
+
+    pruned = baselines.prune(method, loaded.graphdef, loaded.params, windows, sparsity=sparsity,
+                             pattern=cfg.pattern)
+  summary[f"{method}_ppl"] = ppl(pruned)
+  print(f"{method} {cfg.pattern} {sparsity:.0%} perplexity: {summary[f'{method}_ppl']:.3f}", flush=True)
+  summary["sparsity"] = _admm.sparsity_report(jax.device_get(pruned))["overall"]
+  export(loaded, pruned, model_dir, overwrite=overwrite, extra={"summary": summary})
+  summary["wall_seconds"] = time.perf_counter() - t0
+  if jax.process_index() == 0:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+  print(f"wrote the pruned model to {model_dir}", flush=True)
+  return summary
+
+
+def evaluate(model: str = DEFAULT_MODEL, eval_text: str = DEFAULT_TEXT, *, seqlen: int = 1024,
+             windows: int = 0, text_field: str = "text", compute_dtype: str = "float32") -> dict[str, Any]:
+  """Perplexity (the field's protocol) and sparsity report of a model."""
+  loaded = load_model(model)
+  docs = data_lib.load_documents(eval_text, split="evaluation", text_field=text_field)
+  ids = evaluate_lib.eval_tokens(loaded.tokenizer, docs)
+  if len(ids) < seqlen:
+    raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than one window of {seqlen}; "
+                     f"give more text or a smaller --seqlen.")
+  n_windows = len(ids) // seqlen if not windows else min(windows, len(ids) // seqlen)
+  ppl = perplexity_of(loaded, loaded.params, ids, seqlen=seqlen, max_windows=windows,
+                      compute_dtype=compute_dtype)
+  report = _admm.sparsity_report(jax.device_get(loaded.params))
+  return {"model": model, "perplexity": ppl, "seqlen": seqlen, "windows": n_windows,
+          "sparsity": report["overall"]}
+
+
+def export_run(run_dir: str | pathlib.Path, output: str | pathlib.Path | None = None, *,
+               overwrite: bool = False) -> pathlib.Path:
+  """Finalizes the latest checkpoint of a run and writes it as an HF model."""
+  run_dir = pathlib.Path(run_dir)
+  config_path = run_dir / "checkpoints" / "run_config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(f"no checkpoints of a run in {run_dir} (missing {config_path}); "
+                            f"point --run-dir at the --output of an elsa-jax prune run.")
+  run_config = json.loads(config_path.read_text())
+  out = pathlib.Path(output) if output else run_dir / "model"
+  check_output_dir(out, overwrite)
+  cfg = train.ElsaConfig(**{k: v for k, v in run_config.items()
+                            if k in {f.name for f in dataclasses.fields(train.ElsaConfig)}})
+  loaded = load_model(run_config["model"])
+  checkpointer = checkpoint_lib.RunCheckpointer(run_dir / "checkpoints", config=run_config, save_every=0)
+  tx = train.make_optimizer(cfg)
+  step, params, opt_state = checkpointer.restore_or(loaded.params, jax.eval_shape(tx.init, loaded.params))
+  checkpointer.close()
+  if step == 0:
+    raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no finished checkpoint yet.")
+  kind, nm = train.parse_pattern(cfg.pattern)
+  pruned = _admm.finalize(params, opt_state, sparsity=train.pattern_sparsity(cfg), pattern=kind,
+                          **({"n_m": nm} if nm else {}), projection=cfg.projection)
+  return export(loaded, pruned, out, overwrite=overwrite, extra={"checkpoint_step": step})

@@ -1,0 +1,225 @@
+"""End to end: prune a tiny random LLaMA, export, reload with transformers; resume; meshes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from elsa_jax import llama
+from elsa_jax import pipeline
+from elsa_jax import sharding as sharding_lib
+from elsa_jax import train
+
+_WORDS = (
+    "the a of and to in is was for on that with as by at from his her it an were are which this be "
+    "river city king music war film team school north house water light year people world time life"
+).split()
+
+
+def _write_text(path: pathlib.Path, n_docs: int, seed: int) -> pathlib.Path:
+  rng = np.random.default_rng(seed)
+  lines = []
+  for _ in range(n_docs):
+    words = rng.choice(_WORDS, size=int(rng.integers(60, 120)))
+    lines.append(json.dumps({"text": " ".join(words).capitalize() + "."}))
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+def _tiny_tokenizer(corpus: pathlib.Path):
+  from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer(models.BPE(unk_token=None))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  texts = [json.loads(l)["text"] for l in corpus.read_text().splitlines()]
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(texts, trainer)
+  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tiny")
+  calib = _write_text(root / "calib.jsonl", 60, seed=1)
+  evalt = _write_text(root / "eval.jsonl", 12, seed=2)
+  tokenizer = _tiny_tokenizer(calib)
+  config = llama.LlamaConfig(
+      vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+  )
+  model = llama.Llama(config, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
+  model_dir = root / "model"
+  llama.save_pretrained(model, config, model_dir)
+  tokenizer.save_pretrained(model_dir)
+  return root, model_dir, calib, evalt
+
+
+def _cfg(**kw):
+  base = dict(sparsity=0.5, steps=6, batch_size=2, seqlen=32, interval=2, lr=1e-3, compute_dtype="float32")
+  base.update(kw)
+  return train.ElsaConfig(**base)
+
+
+def _prunable(name: str) -> bool:
+  return name.startswith("model.layers.") and name.endswith("proj.weight")
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_prune_export_reload_with_transformers(tiny_run, pattern):
+  import torch
+  from transformers import LlamaForCausalLM
+
+  root, model_dir, calib, evalt = tiny_run
+  out = root / f"run-{pattern.replace(':', '')}"
+  summary = pipeline.prune(
+      model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(pattern=pattern),
+      eval_seqlen=32, compare_magnitude=False, progress=False,
+  )
+  assert np.isfinite(summary["elsa_ppl"]) and np.isfinite(summary["dense_ppl"])
+  hf = LlamaForCausalLM.from_pretrained(out / "model", torch_dtype=torch.float32)
+  n_pruned = 0
+  for name, w in hf.state_dict().items():
+    w = w.numpy()
+    if not _prunable(name):
+      assert np.count_nonzero(w) == w.size, name  # embeddings, norms, lm_head stay dense
+      continue
+    n_pruned += 1
+    if pattern == "unstructured":
+      assert np.count_nonzero(w == 0) == w.size // 2, name
+    else:  # HF weights are [out, in]: groups of 4 consecutive input features
+      groups = (w.reshape(w.shape[0], -1, 4) == 0).sum(-1)
+      np.testing.assert_array_equal(groups, 2, err_msg=name)
+  assert n_pruned == 2 * 7
+  jax_model, _ = llama.from_pretrained(str(out / "model"))
+  ids = np.random.default_rng().integers(0, hf.config.vocab_size, size=(2, 24))
+  with torch.no_grad():
+    ref = hf(torch.from_numpy(ids)).logits.numpy()
+  got = np.asarray(jax_model(jnp.asarray(ids, jnp.int32)))
+  np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_existing_output_is_never_overwritten(tiny_run):
+  root, model_dir, calib, evalt = tiny_run
+  out = root / "taken"
+  (out / "model").mkdir(parents=True)
+  (out / "model" / "keep.txt").write_text("user data")
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(),
+                   eval_seqlen=32, progress=False)
+  assert (out / "model" / "keep.txt").read_text() == "user data"
+
+
+def test_bad_inputs_fail_before_work(tiny_run, tmp_path):
+  root, model_dir, calib, evalt = tiny_run
+  with pytest.raises(ValueError, match="sparsity"):
+    _cfg(sparsity=1.0)
+  with pytest.raises((FileNotFoundError, OSError), match="no-such"):
+    pipeline.prune(model=str(tmp_path / "no-such-model"), calib=str(calib), eval_text=str(evalt),
+                   output=tmp_path / "o", cfg=_cfg(), progress=False)
+  with pytest.raises(ValueError, match="devices"):
+    pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=tmp_path / "o",
+                   cfg=_cfg(), mesh_shape=(3, 1), progress=False)
+  short = tmp_path / "short.txt"
+  short.write_text("too short")
+  with pytest.raises(ValueError, match="token"):
+    pipeline.prune(model=str(model_dir), calib=str(short), eval_text=str(evalt), output=tmp_path / "o",
+                   cfg=_cfg(), eval_seqlen=32, progress=False)
+  assert not (tmp_path / "o" / "model").exists()
+
+
+def test_checkpoint_from_another_config_is_refused(tiny_run):
+  root, model_dir, calib, evalt = tiny_run
+  out = root / "cfg-mismatch"
+  kw = dict(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, eval_seqlen=32,
+            compare_magnitude=False, evaluate_dense=False, progress=False, checkpoint_every=2)
+  pipeline.prune(cfg=_cfg(), stop_after=2, **kw)
+  with pytest.raises(ValueError, match="another configuration"):
+    pipeline.prune(cfg=_cfg(lmda=0.05), **kw)
+
+
+def _cli(model_dir, calib, evalt, out, extra_env=None):
+  cmd = [sys.executable, "-m", "elsa_jax.cli", "prune", "--model", str(model_dir), "--calib", str(calib),
+         "--eval-text", str(evalt), "--output", str(out), "--steps", "12", "--batch-size", "2", "--seqlen", "32",
+         "--interval", "2", "--compute-dtype", "float32", "--eval-seqlen", "32", "--checkpoint-every", "2",
+         "--no-compare-magnitude", "--no-dense-eval", "--preset", "cpu"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **(extra_env or {}))
+  return cmd, env
+
+
+def _exported(out):
+  from safetensors.numpy import load_file
+
+  files = sorted((out / "model").glob("*.safetensors"))
+  tensors = {}
+  for f in files:
+    tensors.update(load_file(f))
+  return tensors
+
+
+def test_killed_run_resumes_bit_exact(tiny_run):
+  root, model_dir, calib, evalt = tiny_run
+  ref_out, cut_out = root / "ref", root / "cut"
+  cmd, env = _cli(model_dir, calib, evalt, ref_out)
+  subprocess.run(cmd, env=env, check=True, capture_output=True)
+
+  # 1) killed at an arbitrary moment after a few steps.
+  cmd, env = _cli(model_dir, calib, evalt, cut_out)
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics = cut_out / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (cut_out / "model").exists()
+  # 2) killed in the middle of an asynchronous checkpoint write (see ELSA_JAX_TEST_CRASH_IN_SAVE).
+  cmd, env = _cli(model_dir, calib, evalt, cut_out, {"ELSA_JAX_TEST_CRASH_IN_SAVE": "8"})
+  crashed = subprocess.run(cmd, env=env, capture_output=True)
+  assert crashed.returncode != 0
+  assert not (cut_out / "model").exists()
+  # 3) the same command again finishes the run.
+  cmd, env = _cli(model_dir, calib, evalt, cut_out)
+  subprocess.run(cmd, env=env, check=True, capture_output=True)
+  ref, got = _exported(ref_out), _exported(cut_out)
+  assert ref.keys() == got.keys()
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_same_trajectory_on_one_and_eight_devices(tiny_run):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  root, model_dir, calib, evalt = tiny_run
+  loaded = pipeline.load_model(str(model_dir))
+  cfg = _cfg(steps=4, batch_size=4)
+  rng = np.random.default_rng()
+  data = rng.integers(0, loaded.config.vocab_size, size=(cfg.steps, cfg.batch_size, cfg.seqlen + 1))
+  axes = llama.logical_axes_of(loaded.graphdef, loaded.params)
+  runs = {}
+  for shape in [(1, 1), (4, 2)]:
+    devices = jax.devices()[: shape[0] * shape[1]]
+    mesh = sharding_lib.make_mesh(*shape, devices=devices)
+    result = train.run(loaded.graphdef, jax.tree.map(np.array, loaded.params), cfg, lambda s: data[s],
+                       mesh=mesh, logical_axes=axes, progress=False)
+    runs[shape] = result
+  one, eight = runs[(1, 1)], runs[(4, 2)]
+  losses = lambda r: np.array([h["loss"] for h in r.history])
+  np.testing.assert_allclose(losses(eight), losses(one), rtol=1e-5)
+  chex.assert_trees_all_close(jax.device_get(eight.params), jax.device_get(one.params), atol=1e-5)
