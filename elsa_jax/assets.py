@@ -49,6 +49,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -316,13 +317,14 @@ def default_tokenizer() -> Any:
       if not (folder / "tokenizer.json").is_file():
         tokenizer = gguf_tokenizer(default_model_path())
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
+        tmp = tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.")
+        try:
           tokenizer.save_pretrained(tmp)
           if folder.exists():  # an incomplete folder left by a crash
-            import shutil
-
             shutil.rmtree(folder)
           os.replace(tmp, folder)
+        finally:
+          shutil.rmtree(tmp, ignore_errors=True)
   return AutoTokenizer.from_pretrained(folder)
 
 
