@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-compare-magnitude", action="store_true", help="skip the magnitude baseline evaluation")
   p.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's evaluation")
   p.add_argument("--overwrite", action="store_true", help="replace an existing exported model")
+  p.add_argument("--distributed", action="store_true",
+                 help="join a multi-process run (jax.distributed; see elsa_jax.distributed)")
+  p.add_argument("--remat", action="store_true", help="rematerialise each block's activations")
   _add_elsa_args(p)
 
   e = sub.add_parser("eval", help="perplexity and sparsity of a model")
@@ -103,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   parser = build_parser()
   args = parser.parse_args(argv or ["prune"])
+  if getattr(args, "distributed", False):
+    from elsa_jax import distributed
+
+    distributed.initialize()
   from elsa_jax import pipeline
 
   try:

@@ -1,0 +1,124 @@
+"""Per-device memory of an ELSA run, predicted before any weight is loaded.
+
+:func:`predict_memory` lowers and compiles the real train step on abstract
+arrays (``jax.ShapeDtypeStruct`` with the target shardings) and reads XLA's
+own buffer assignment (``compiled.memory_analysis()``): arguments (params and
+optimizer state, donated), outputs, and the temporaries of the step
+(activations, gradients, logits). Nothing is allocated, so a configuration
+that will not fit is refused in seconds, with the numbers, by
+:func:`check_fits`.
+
+Example::
+
+  mem = predict_memory(config, train.ElsaConfig(batch_size=8, seqlen=2048), mesh)
+  print(mem.total_gib, mem.breakdown())
+  check_fits(mem)  # raises MemoryError when it exceeds the device's memory
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from elsa_jax import llama
+from elsa_jax import sharding as sharding_lib
+from elsa_jax import train
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPrediction:
+  """Bytes per device of one train step (the largest device of the mesh)."""
+
+  argument_bytes: int  # params + optimizer state + batch (donated: updated in place)
+  output_bytes: int  # what the step returns that is not aliased to a donated input
+  temp_bytes: int  # activations, gradients, logits, scratch
+  alias_bytes: int
+  n_params: int
+  state_bytes_per_param: float
+
+  @property
+  def total_bytes(self) -> int:
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+  @property
+  def total_gib(self) -> float:
+    return self.total_bytes / GiB
+
+  def breakdown(self) -> str:
+    return (f"{self.total_gib:.2f} GiB per device = arguments {self.argument_bytes / GiB:.2f} + "
+            f"temporaries {self.temp_bytes / GiB:.2f} + outputs {self.output_bytes / GiB:.2f} "
+            f"- aliased {self.alias_bytes / GiB:.2f}")
+
+
+def abstract_model(config: llama.LlamaConfig, *, remat: bool = False) -> tuple[Any, Any]:
+  """``(graphdef, abstract params)`` of a model, without allocating its weights."""
+  abstract = nnx.eval_shape(lambda: llama.Llama(config, remat=remat, rngs=nnx.Rngs(0)))
+  return llama.split(abstract)
+
+
+def predict_memory(
+    config: llama.LlamaConfig,
+    cfg: train.ElsaConfig,
+    mesh: jax.sharding.Mesh,
+    *,
+    remat: bool = False,
+    rules: dict[str, str | None] | None = None,
+) -> MemoryPrediction:
+  """Compiles the ELSA train step abstractly and returns its per-device memory."""
+  rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
+  graphdef, params = abstract_model(config, remat=remat)
+  model = llama.merge(graphdef, params)
+  axes = llama.logical_axes(model)
+  p_shard = sharding_lib.param_shardings(axes, params, mesh, rules)
+  params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, p_shard)
+  tx = train.make_optimizer(cfg)
+  s_shard = sharding_lib.opt_state_shardings(tx, params, p_shard, mesh)
+  state = jax.eval_shape(tx.init, params)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, s_shard)
+  data_shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.DATA))
+  batch = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.seqlen + 1), jnp.int32, sharding=data_shard)
+  step = jax.jit(
+      train.make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype)),
+      in_shardings=(p_shard, s_shard, data_shard),
+      out_shardings=(p_shard, s_shard, sharding_lib.replicated(mesh)),
+      donate_argnums=(0, 1),
+  )
+  compiled = step.lower(params, state, batch).compile()
+  stats = compiled.memory_analysis()
+  n_params = sum(int(p.size) for p in jax.tree.leaves(params))
+  state_bytes = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state))
+  return MemoryPrediction(
+      argument_bytes=int(stats.argument_size_in_bytes),
+      output_bytes=int(stats.output_size_in_bytes),
+      temp_bytes=int(stats.temp_size_in_bytes),
+      alias_bytes=int(stats.alias_size_in_bytes),
+      n_params=n_params,
+      state_bytes_per_param=state_bytes / n_params,
+  )
+
+
+def device_memory_bytes(device: Any | None = None) -> int | None:
+  """The memory of one device as its runtime reports it (None on the CPU)."""
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def check_fits(prediction: MemoryPrediction, capacity_bytes: int | None = None, *, headroom: float = 0.95) -> None:
+  """Raises ``MemoryError`` (with the numbers) when a run will not fit one device."""
+  capacity_bytes = capacity_bytes or device_memory_bytes()
+  if capacity_bytes is None:
+    return
+  if prediction.total_bytes > headroom * capacity_bytes:
+    raise MemoryError(
+        f"this configuration needs {prediction.breakdown()}, more than {headroom:.0%} of the "
+        f"{capacity_bytes / GiB:.1f} GiB a device has; use a larger mesh (more FSDP/model shards), "
+        f"--remat, a smaller --batch-size with --grad-accum, or ELSA-L state "
+        f"(--state-dtype float8_e4m3fn --moment-dtype int8)."
+    )
