@@ -131,6 +131,8 @@ def test_smollm2_perplexity_matches_transformers():
   """elsa_jax's SmolLM2 and transformers' agree on 4 windows x 256 tokens of the evaluation text."""
   pytest.importorskip("torch")
   llama = pytest.importorskip("elsa_jax.llama", reason="the Flax model is not there yet")
+  if not all(hasattr(llama, name) for name in ("from_gguf", "split", "apply")):
+    pytest.skip("elsa_jax.llama does not offer from_gguf/split/apply yet")
   import torch
 
   from elsa_jax import assets
