@@ -1,0 +1,315 @@
+# Copyright 2026 The elsa_jax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+# ==============================================================================
+"""Projections onto sparse sets: scores, exact-count thresholds and masks.
+
+Pure array functions, no optimizer state. They work on one array at a time and
+are safe under ``jax.jit`` and on sharded arrays:
+
+* the threshold of an unstructured or per-row mask is found by bisection on
+  the 32-bit pattern of the scores (32 counting passes, no sort, flat memory),
+  and ties at the threshold are broken by position, so that the number of kept
+  entries is exact;
+* N:M masks sort only inside the groups of ``m`` entries.
+
+Counting convention: a sparsity ``s`` over ``n`` entries prunes exactly
+``round(s * n)`` of them (round half to even), i.e. keeps ``n - round(s * n)``.
+For a Python float ``s`` the count is computed exactly on the host; for a traced
+``s`` it is computed in float32.
+
+Axis convention: Flax ``Dense`` kernels are ``[in, out]``. ``axis`` always names
+the axis along which entries compete; for a kernel ``axis=0`` (input features)
+gives one group per output unit, i.e. per PyTorch output row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Pattern = Literal["unstructured", "row", "nm"]
+
+_SIGN_BIT = 0x80000000
+
+
+def magnitude_score(y: jax.Array) -> jax.Array:
+  """The magnitude score ``|y|`` (plain magnitude projection).
+
+  Args:
+    y: the array to project.
+
+  Returns:
+    ``|y|`` in float32.
+  """
+  return jnp.abs(y.astype(jnp.float32))
+
+
+def objective_aware_score(y: jax.Array, v: jax.Array) -> jax.Array:
+  """The objective-aware score ``v * y**2`` of ELSA.
+
+  Keeping the top entries of this score minimises ``sum_i v_i (z_i - y_i)**2``
+  over the sparse set: a projection weighted by a diagonal curvature estimate
+  ``v`` (a second moment of the gradient). Any positive per-matrix factor of
+  ``v`` (such as Adam's bias correction) leaves the ranking unchanged.
+
+  Args:
+    y: the array to project.
+    v: non-negative weights of the same shape, e.g. an EMA of squared gradients.
+
+  Returns:
+    ``v * y**2`` in float32.
+  """
+  y = y.astype(jnp.float32)
+  return v.astype(jnp.float32) * y * y
+
+
+def num_pruned(n: int, sparsity) -> jax.Array | int:
+  """The number of entries a sparsity prunes among ``n``: ``round(sparsity * n)``.
+
+  Args:
+    n: the number of entries that compete.
+    sparsity: the fraction to prune, a Python number or a scalar array.
+
+  Returns:
+    An ``int`` for a Python ``sparsity``, otherwise an int32 scalar array.
+  """
+  if isinstance(sparsity, (int, float)):
+    # Python's round is exact on the host and rounds half to even, as jnp does.
+    return int(round(float(sparsity) * n))
+  sparsity = jnp.asarray(sparsity, jnp.float32)
+  return jnp.round(sparsity * n).astype(jnp.int32)
+
+
+def _sortable_key(score: jax.Array) -> jax.Array:
+  """Maps float32 values to uint32 keys with the same order (NaN above +inf)."""
+  bits = jax.lax.bitcast_convert_type(score.astype(jnp.float32), jnp.uint32)
+  sign = jnp.uint32(_SIGN_BIT)
+  negative = (bits & sign) != 0
+  return jnp.where(negative, ~bits, bits | sign)
+
+
+def _key_threshold(keys: jax.Array, k: jax.Array, axis) -> jax.Array:
+  """Largest ``t`` with ``count(keys >= t) >= k`` along ``axis``, by bisection.
+
+  ``keys`` is uint32 and ``k`` broadcasts against the reduced shape. The search
+  keeps the invariant ``count(keys >= lo) >= k`` (true for ``lo = 0``); every
+  step halves ``[lo, hi]`` so 32 steps reach a single value.
+  """
+  if axis is None:
+    shape = (1,) * keys.ndim
+  else:
+    shape = tuple(1 if i == axis % keys.ndim else d for i, d in enumerate(keys.shape))
+  lo = jnp.zeros(shape, jnp.uint32)
+  hi = jnp.full(shape, jnp.iinfo(jnp.uint32).max, jnp.uint32)
+
+  def body(_, bounds):
+    lo, hi = bounds
+    width = hi - lo
+    mid = lo + (width >> 1) + (width & 1)  # upper middle, no overflow
+    count = jnp.sum(keys >= mid, axis=axis, keepdims=True, dtype=jnp.int32)
+    enough = count >= k
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+  lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+  return lo
+
+
+def topk_mask(score: jax.Array, k, *, axis: int | None = None) -> jax.Array:
+  """Boolean mask of exactly ``k`` largest scores, without sorting.
+
+  Among entries equal to the threshold, those with the lowest position (flat
+  index, or index along ``axis``) are kept first, so the count is exact even
+  with heavy ties.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from elsa_jax import topk_mask
+    >>> topk_mask(jnp.array([1., 3., 3., 2.]), 2)
+    Array([False,  True,  True, False], dtype=bool)
+
+  Args:
+    score: a float array (any shape); larger means more important.
+    k: how many entries to keep: over the whole array when ``axis`` is None,
+      otherwise in every slice along ``axis`` (a Python int or an int array).
+    axis: None for one count over the whole array, or the axis along which
+      entries compete (independently for every index of the other axes).
+
+  Returns:
+    A boolean array of the shape of ``score``.
+  """
+  keys = _sortable_key(score)
+  k = jnp.asarray(k, jnp.int32)
+  threshold = _key_threshold(keys, k, axis)
+  above = keys > threshold
+  at = keys == threshold
+  missing = k - jnp.sum(above, axis=axis, keepdims=True, dtype=jnp.int32)
+  if axis is None:
+    rank = jnp.cumsum(at.reshape(-1), dtype=jnp.int32).reshape(at.shape)
+  else:
+    rank = jnp.cumsum(at, axis=axis, dtype=jnp.int32)
+  return above | (at & (rank <= missing))
+
+
+def unstructured_mask(score: jax.Array, sparsity) -> jax.Array:
+  """Keeps the top ``n - round(sparsity * n)`` scores of the whole array.
+
+  Args:
+    score: a float array; larger means more important.
+    sparsity: the fraction to prune, in ``[0, 1)``.
+
+  Returns:
+    A boolean mask (True = kept).
+  """
+  n = math.prod(score.shape)
+  return topk_mask(score, n - num_pruned(n, sparsity), axis=None)
+
+
+def row_mask(score: jax.Array, sparsity, *, axis: int = 0) -> jax.Array:
+  """Keeps the top scores in every slice along ``axis``, the same count in each.
+
+  For a Flax kernel ``[in, out]``, ``axis=0`` prunes ``round(sparsity * in)``
+  inputs of every output unit (a PyTorch "per output row" mask).
+
+  Args:
+    score: a float array; larger means more important.
+    sparsity: the fraction to prune in every slice, in ``[0, 1)``.
+    axis: the axis along which entries compete.
+
+  Returns:
+    A boolean mask (True = kept).
+  """
+  length = score.shape[axis]
+  return topk_mask(score, length - num_pruned(length, sparsity), axis=axis)
+
+
+def nm_mask(score: jax.Array, n: int, m: int, *, axis: int = 0) -> jax.Array:
+  """N:M mask: in every group of ``m`` consecutive entries along ``axis``, keep ``n``.
+
+  For a Flax kernel ``[in, out]``, ``axis=0`` groups ``m`` consecutive input
+  features of each output unit, the layout sparse tensor cores expect. Ties
+  keep the lower index.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from elsa_jax import nm_mask
+    >>> nm_mask(jnp.array([[4.], [1.], [3.], [2.]]), 2, 4)[:, 0]
+    Array([ True, False,  True, False], dtype=bool)
+
+  Args:
+    score: a float array; larger means more important.
+    n: entries kept per group.
+    m: group size; must divide ``score.shape[axis]``.
+    axis: the axis along which the groups run.
+
+  Returns:
+    A boolean mask (True = kept).
+
+  Raises:
+    ValueError: when ``m`` does not divide the axis or ``0 <= n <= m`` fails.
+  """
+  check_nm(score.shape, n, m, axis)
+  axis = axis % score.ndim
+  moved = jnp.moveaxis(score, axis, -1)
+  groups = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
+  # Descending order of the sortable key; the stable sort keeps ties in order.
+  order = jnp.argsort(~_sortable_key(groups), axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1)
+  keep = (rank < n).reshape(moved.shape)
+  return jnp.moveaxis(keep, -1, axis)
+
+
+def check_nm(shape: tuple[int, ...], n: int, m: int, axis: int = 0) -> None:
+  """Raises a ValueError when an N:M pattern does not fit an array's shape."""
+  if not (isinstance(n, int) and isinstance(m, int) and 0 <= n <= m and m > 0):
+    raise ValueError(
+        f"N:M needs integers with 0 <= N <= M and M > 0, got N={n}, M={m}; "
+        "use e.g. n_m=(2, 4)."
+    )
+  if not shape or not -len(shape) <= axis < len(shape):
+    raise ValueError(f"axis {axis} does not exist in an array of shape {shape}.")
+  if shape[axis] % m:
+    raise ValueError(
+        f"N:M groups of M={m} do not divide axis {axis} of length "
+        f"{shape[axis]} (shape {shape}); pick M dividing it or exclude this "
+        "leaf from the prunable set."
+    )
+
+
+def sparsity_mask(
+    score: jax.Array,
+    sparsity=0.0,
+    *,
+    pattern: Pattern = "unstructured",
+    n_m: tuple[int, int] = (2, 4),
+    axis: int = 0,
+) -> jax.Array:
+  """The mask of a sparsity pattern: dispatches to the functions above.
+
+  Args:
+    score: a float array; larger means more important.
+    sparsity: the fraction to prune (ignored for ``"nm"``, which prunes
+      ``1 - n / m``).
+    pattern: ``"unstructured"`` (one count per array), ``"row"`` (one count
+      per slice along ``axis``) or ``"nm"``.
+    n_m: ``(n, m)`` for the N:M pattern.
+    axis: the axis along which entries compete (``"row"`` and ``"nm"``).
+
+  Returns:
+    A boolean mask (True = kept).
+  """
+  if pattern == "unstructured":
+    return unstructured_mask(score, sparsity)
+  if pattern == "row":
+    return row_mask(score, sparsity, axis=axis)
+  if pattern == "nm":
+    return nm_mask(score, *n_m, axis=axis)
+  raise ValueError(
+      f"unknown sparsity pattern {pattern!r}; use 'unstructured', 'row' or 'nm'."
+  )
+
+
+def project(
+    y: jax.Array,
+    sparsity=0.0,
+    *,
+    v: jax.Array | None = None,
+    pattern: Pattern = "unstructured",
+    n_m: tuple[int, int] = (2, 4),
+    axis: int = 0,
+) -> jax.Array:
+  """Projects ``y`` onto the sparse set: magnitude, or objective-aware with ``v``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from elsa_jax import project
+    >>> project(jnp.array([0.1, -2.0, 0.5, 1.0]), 0.5)
+    Array([ 0., -2.,  0.,  1.], dtype=float32)
+
+  Args:
+    y: the array to project.
+    sparsity: the fraction to prune (see :func:`sparsity_mask`).
+    v: None for the magnitude score ``|y|``, or weights for ``v * y**2``.
+    pattern: ``"unstructured"``, ``"row"`` or ``"nm"``.
+    n_m: ``(n, m)`` for the N:M pattern.
+    axis: the axis along which entries compete.
+
+  Returns:
+    ``y`` with the pruned entries set to zero, in ``y``'s dtype.
+  """
+  score = magnitude_score(y) if v is None else objective_aware_score(y, v)
+  mask = sparsity_mask(score, sparsity, pattern=pattern, n_m=n_m, axis=axis)
+  return jnp.where(mask, y, jnp.zeros_like(y))

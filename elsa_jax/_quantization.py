@@ -1,0 +1,192 @@
+# Copyright 2026 The elsa_jax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+# ==============================================================================
+"""Storage codecs for low-precision optimizer state (pure functions).
+
+Two families:
+
+* scaled floating point (bfloat16, float8 e4m3fn / e5m2): ``q = x / scale``
+  cast to the storage dtype, with a float32 scale per tensor or per row,
+  ``scale = amax * (1 + margin) / dtype_max``. Used for the ADMM variables
+  ``z`` and ``u`` of ELSA-L. bfloat16 has float32's range and needs no scale.
+* block-wise absmax 8-bit integers: the last axis is cut into blocks of
+  ``block_size`` entries, each block stores its absmax in float32 and its
+  entries as ``round(x / absmax * 127)`` (int8) or ``round(x / absmax * 255)``
+  (uint8, for non-negative data). Used for Adam's moments.
+
+Every function returns arrays of fixed shapes and dtypes, so state built from
+them keeps its structure through an update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+FP8_DTYPES = (jnp.float8_e4m3fn, jnp.float8_e5m2)
+
+DEFAULT_MARGIN = 2.0**-5
+DEFAULT_BLOCK_SIZE = 256
+
+
+def canonical_dtype(dtype) -> jnp.dtype:
+  """Accepts a dtype or its name, e.g. ``"float8_e4m3fn"``, ``"bfloat16"``, ``"int8"``."""
+  if isinstance(dtype, str):
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "e4m3": "float8_e4m3fn",
+               "fp8_e4m3": "float8_e4m3fn", "float8_e4m3": "float8_e4m3fn",
+               "e5m2": "float8_e5m2", "fp8_e5m2": "float8_e5m2"}
+    dtype = aliases.get(dtype, dtype)
+  try:
+    return jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(
+        f"unknown dtype {dtype!r}; use float32, bfloat16, float8_e4m3fn, "
+        "float8_e5m2 or int8."
+    ) from None
+
+
+def is_fp8(dtype) -> bool:
+  """Whether ``dtype`` is one of the float8 storage types."""
+  return jnp.dtype(dtype) in tuple(jnp.dtype(d) for d in FP8_DTYPES)
+
+
+def scale_shape(shape: tuple[int, ...], axis=None) -> tuple[int, ...]:
+  """Shape of the scale of :func:`quantize_scaled`: ``()`` per tensor, else keepdims."""
+  if axis is None:
+    return ()
+  axes = {a % len(shape) for a in ((axis,) if isinstance(axis, int) else axis)}
+  return tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+
+def quantize_scaled(
+    x: jax.Array,
+    dtype,
+    *,
+    axis: int | tuple[int, ...] | None = None,
+    margin: float = DEFAULT_MARGIN,
+) -> tuple[jax.Array, jax.Array]:
+  """Quantises to a (float8) dtype with a fresh float32 scale.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from elsa_jax import quantize_scaled, dequantize_scaled
+    >>> q, s = quantize_scaled(jnp.array([1.0, -3.0, 0.25]), jnp.float8_e4m3fn)
+    >>> q.dtype, s.shape
+    (dtype(float8_e4m3fn), ())
+    >>> [round(x, 2) for x in dequantize_scaled(q, s).tolist()]
+    [0.99, -3.09, 0.25]
+
+  Args:
+    x: the array to store.
+    dtype: the storage dtype, e.g. ``jnp.float8_e4m3fn``, ``jnp.float8_e5m2``.
+    axis: the axes that share one scale: None for one scale per tensor (a
+      scalar), or e.g. ``0`` for one scale per column of a ``[in, out]``
+      kernel (per output unit), kept as a broadcastable ``[1, out]``.
+    margin: the scale maps the largest magnitude to ``max / (1 + margin)``,
+      so rounding can never overflow.
+
+  Returns:
+    ``(q, scale)``: ``q`` in ``dtype`` with ``x``'s shape, ``scale`` float32.
+  """
+  dtype = jnp.dtype(dtype)
+  x = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x), axis=axis, keepdims=axis is not None)
+  dmax = float(jnp.finfo(dtype).max)
+  scale = jnp.where(amax > 0, amax * (1.0 + margin) / dmax, 1.0).astype(jnp.float32)
+  q = jnp.clip(x / scale, -dmax, dmax).astype(dtype)
+  return q, scale
+
+
+def dequantize_scaled(q: jax.Array, scale: jax.Array) -> jax.Array:
+  """Inverse of :func:`quantize_scaled`: ``q * scale`` in float32."""
+  return q.astype(jnp.float32) * scale
+
+
+def block_scale_shape(shape: tuple[int, ...], block_size: int = DEFAULT_BLOCK_SIZE):
+  """Shape of the absmax array of :func:`quantize_blockwise` for ``shape``."""
+  if not shape:
+    return (1,)
+  return tuple(shape[:-1]) + (math.ceil(shape[-1] / block_size),)
+
+
+def _blocks(x: jax.Array, block_size: int) -> jax.Array:
+  """``[..., L]`` -> ``[..., ceil(L / block_size), block_size]``, zero-padded."""
+  x = x.reshape(x.shape or (1,))
+  length = x.shape[-1]
+  nblocks = math.ceil(length / block_size)
+  pad = nblocks * block_size - length
+  if pad:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  return x.reshape(x.shape[:-1] + (nblocks, block_size))
+
+
+def _unblocks(b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  flat = b.reshape(b.shape[:-2] + (-1,))
+  length = shape[-1] if shape else 1
+  return flat[..., :length].reshape(shape)
+
+
+def quantize_blockwise(
+    x: jax.Array,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    signed: bool = True,
+    keep_nonzero: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """Block-wise absmax 8-bit quantisation along the last axis.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from elsa_jax import quantize_blockwise, dequantize_blockwise
+    >>> q, absmax = quantize_blockwise(jnp.array([0.5, -1.0, 0.25]))
+    >>> q, absmax
+    (Array([  64, -127,   32], dtype=int8), Array([1.], dtype=float32))
+    >>> [round(x, 3) for x in dequantize_blockwise(q, absmax).tolist()]
+    [0.504, -1.0, 0.252]
+
+  Args:
+    x: the array to store; any shape (a scalar counts as one block).
+    block_size: entries per block along the last axis (the last block may
+      be shorter).
+    signed: int8 codes in ``[-127, 127]``; otherwise uint8 codes in
+      ``[0, 255]`` for non-negative data (negative values clip to zero).
+    keep_nonzero: round positive values that would round to code 0 up to
+      code 1 instead, so a non-zero entry never becomes zero (for second
+      moments, which divide).
+
+  Returns:
+    ``(q, absmax)``: ``q`` int8 or uint8 with ``x``'s shape, ``absmax``
+    float32 of shape :func:`block_scale_shape`.
+  """
+  levels = 127.0 if signed else 255.0
+  b = _blocks(x.astype(jnp.float32), block_size)
+  absmax = jnp.max(jnp.abs(b), axis=-1)
+  safe = jnp.where(absmax > 0, absmax, 1.0)[..., None]
+  code = jnp.round(b / safe * levels)
+  if keep_nonzero:
+    code = jnp.where((b > 0) & (code < 1), 1.0, code)
+  lo = -levels if signed else 0.0
+  code = jnp.clip(code, lo, levels).astype(jnp.int8 if signed else jnp.uint8)
+  return _unblocks(code, x.shape), absmax.astype(jnp.float32)
+
+
+def dequantize_blockwise(
+    q: jax.Array, absmax: jax.Array, *, block_size: int = DEFAULT_BLOCK_SIZE
+) -> jax.Array:
+  """Inverse of :func:`quantize_blockwise` in float32 (dtype of ``q`` picks the range)."""
+  levels = 127.0 if q.dtype == jnp.int8 else 255.0
+  b = _blocks(q.astype(jnp.float32), block_size)
+  return _unblocks(b * (absmax[..., None] / levels), q.shape)
