@@ -247,6 +247,15 @@ def _resolve_sparsity(sparsity, pattern: str, n_m: tuple[int, int]):
   return at
 
 
+def _static_int(name: str, value) -> int:
+  if not _is_concrete(value):
+    raise ValueError(
+        f"{name} must be a Python int, not a traced value; under "
+        f"optax.inject_hyperparams list {name!r} in static_args."
+    )
+  return int(np.asarray(value))
+
+
 def _check_choice(name: str, value, choices) -> None:
   if value not in choices:
     raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(map(repr, choices))}.")
@@ -484,7 +493,7 @@ def admm(
     score_decay: float = 0.95,
     pattern: str = "unstructured",
     n_m: tuple[int, int] = (2, 4),
-    axis: int = 0,
+    axis: int | None = None,
     prunable=None,
     lmda_schedule: str = "constant",
     balance_mu: float = 10.0,
@@ -545,8 +554,9 @@ def admm(
     n_m: ``(n, m)`` for ``pattern="nm"``: keep ``n`` of every ``m``
       consecutive entries along ``axis``.
     axis: the axis along which entries compete for ``"row"`` and ``"nm"``
-      (and along which per-row scales are shared); ``0`` = input features of a
-      Flax ``[in, out]`` kernel, i.e. per output unit (PyTorch row).
+      (and along which per-row scales are shared). None means ``0``, the input
+      features of a Flax ``[in, out]`` kernel, i.e. one group per output unit
+      (a PyTorch row); None also keeps ``inject_hyperparams`` from tracing it.
     prunable: None (:func:`default_prunable`), a predicate ``(path, leaf) ->
       bool`` or a (prefix) pytree of bools.
     lmda_schedule: ``"constant"`` (``lmda`` as given) or
@@ -582,6 +592,7 @@ def admm(
   _check_choice("pattern", pattern, ("unstructured", "row", "nm"))
   _check_choice("lmda_schedule", lmda_schedule, ("constant", "residual_balancing"))
   _check_choice("state_scale", state_scale, ("tensor", "row"))
+  axis = _static_int("axis", 0 if axis is None else axis)
   if pattern == "nm":
     _projection.check_nm((n_m[1],), n_m[0], n_m[1], 0)
   if _is_concrete(interval) and int(np.asarray(interval)) < 1:

@@ -35,6 +35,7 @@ gives one group per output unit, i.e. per PyTorch output row.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -102,38 +103,77 @@ def _sortable_key(score: jax.Array) -> jax.Array:
   return jnp.where(negative, ~bits, bits | sign)
 
 
-def _key_threshold(keys: jax.Array, k: jax.Array, axis) -> jax.Array:
-  """Largest ``t`` with ``count(keys >= t) >= k`` along ``axis``, by bisection.
-
-  ``keys`` is uint32 and ``k`` broadcasts against the reduced shape. The search
-  keeps the invariant ``count(keys >= lo) >= k`` (true for ``lo = 0``); every
-  step halves ``[lo, hi]`` so 32 steps reach a single value.
-  """
+def _reduced_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
   if axis is None:
-    shape = (1,) * keys.ndim
-  else:
-    shape = tuple(1 if i == axis % keys.ndim else d for i, d in enumerate(keys.shape))
-  lo = jnp.zeros(shape, jnp.uint32)
-  hi = jnp.full(shape, jnp.iinfo(jnp.uint32).max, jnp.uint32)
-
-  def body(_, bounds):
-    lo, hi = bounds
-    width = hi - lo
-    mid = lo + (width >> 1) + (width & 1)  # upper middle, no overflow
-    count = jnp.sum(keys >= mid, axis=axis, keepdims=True, dtype=jnp.int32)
-    enough = count >= k
-    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
-
-  lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-  return lo
+    return (1,) * len(shape)
+  return tuple(1 if i == axis % len(shape) else d for i, d in enumerate(shape))
 
 
+def _positions(shape: tuple[int, ...], axis: int | None) -> jax.Array:
+  """Flat row-major index (``axis=None``) or index along ``axis``, as int32."""
+  if axis is not None:
+    return jax.lax.broadcasted_iota(jnp.int32, shape, axis % len(shape))
+  position = jnp.zeros(shape, jnp.int32)
+  stride = 1
+  for dim in reversed(range(len(shape))):
+    position = position + jax.lax.broadcasted_iota(jnp.int32, shape, dim) * stride
+    stride *= shape[dim]
+  return position
+
+
+def _topk_cut(keys: jax.Array, k: jax.Array, axis: int | None):
+  """Finds ``(t, p)``: keep ``keys > t`` and ``keys == t`` at positions ``< p``.
+
+  One loop of counting passes. Steps ``0..31`` bisect the uint32 key for the
+  largest ``t`` with ``count(keys >= t) >= k`` (the invariant holds at
+  ``t = 0``; each step halves ``[lo, hi]``, so 32 steps reach one value).
+  The remaining ``ceil(log2(n + 1))`` steps bisect the position for the
+  smallest ``p`` with ``count(keys > t) + count(keys == t, position < p) >=
+  k``. ``(t, p)`` is thus the k-th entry in the order (key descending,
+  position ascending), and exactly ``k`` entries rank at or above it.
+  """
+  shape = _reduced_shape(keys.shape, axis)
+  length = math.prod(keys.shape) if axis is None else keys.shape[axis]
+  position = _positions(keys.shape, axis)
+  value_steps = 32
+  position_steps = max(1, math.ceil(math.log2(length + 1)))
+  lo_t = jnp.zeros(shape, jnp.uint32)
+  hi_t = jnp.full(shape, jnp.iinfo(jnp.uint32).max, jnp.uint32)
+  lo_p = jnp.zeros(shape, jnp.int32)
+  hi_p = jnp.full(shape, length, jnp.int32)
+
+  def body(i, bounds):
+    lo_t, hi_t, lo_p, hi_p = bounds
+    on_value = i < value_steps
+    width = hi_t - lo_t
+    mid_t = lo_t + (width >> 1) + (width & 1)  # upper middle, no overflow
+    mid_p = lo_p + (hi_p - lo_p) // 2
+    t = jnp.where(on_value, mid_t, lo_t)
+    p = jnp.where(on_value, length, mid_p)
+    ranked = (keys > t) | ((keys == t) & (position < p))
+    enough = jnp.sum(ranked, axis=axis, keepdims=True, dtype=jnp.int32) >= k
+    return (
+        jnp.where(on_value & enough, mid_t, lo_t),
+        jnp.where(on_value & ~enough, mid_t - 1, hi_t),
+        jnp.where(~on_value & ~enough, mid_p + 1, lo_p),
+        jnp.where(~on_value & enough, mid_p, hi_p),
+    )
+
+  lo_t, _, _, hi_p = jax.lax.fori_loop(
+      0, value_steps + position_steps, body, (lo_t, hi_t, lo_p, hi_p)
+  )
+  return lo_t, hi_p, position
+
+
+@functools.partial(jax.jit, static_argnames="axis")
 def topk_mask(score: jax.Array, k, *, axis: int | None = None) -> jax.Array:
   """Boolean mask of exactly ``k`` largest scores, without sorting.
 
-  Among entries equal to the threshold, those with the lowest position (flat
-  index, or index along ``axis``) are kept first, so the count is exact even
-  with heavy ties.
+  Bisection with counting passes only (no sort, no cumsum, so a sharded
+  array is never gathered): 32 steps on the 32-bit pattern find the k-th
+  largest value ``t``, then ``log2(n)`` steps on the position keep, among
+  entries equal to ``t``, those with the lowest position (flat row-major
+  index, or index along ``axis``). The count is exact even with heavy ties.
 
   Example:
     >>> import jax.numpy as jnp
@@ -152,16 +192,8 @@ def topk_mask(score: jax.Array, k, *, axis: int | None = None) -> jax.Array:
     A boolean array of the shape of ``score``.
   """
   keys = _sortable_key(score)
-  k = jnp.asarray(k, jnp.int32)
-  threshold = _key_threshold(keys, k, axis)
-  above = keys > threshold
-  at = keys == threshold
-  missing = k - jnp.sum(above, axis=axis, keepdims=True, dtype=jnp.int32)
-  if axis is None:
-    rank = jnp.cumsum(at.reshape(-1), dtype=jnp.int32).reshape(at.shape)
-  else:
-    rank = jnp.cumsum(at, axis=axis, dtype=jnp.int32)
-  return above | (at & (rank <= missing))
+  threshold, cut, position = _topk_cut(keys, jnp.asarray(k, jnp.int32), axis)
+  return (keys > threshold) | ((keys == threshold) & (position < cut))
 
 
 def unstructured_mask(score: jax.Array, sparsity) -> jax.Array:
@@ -222,7 +254,11 @@ def nm_mask(score: jax.Array, n: int, m: int, *, axis: int = 0) -> jax.Array:
     ValueError: when ``m`` does not divide the axis or ``0 <= n <= m`` fails.
   """
   check_nm(score.shape, n, m, axis)
-  axis = axis % score.ndim
+  return _nm_mask(score, n, m, axis % score.ndim)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _nm_mask(score: jax.Array, n: int, m: int, axis: int) -> jax.Array:
   moved = jnp.moveaxis(score, axis, -1)
   groups = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
   # Descending order of the sortable key; the stable sort keeps ties in order.

@@ -20,8 +20,9 @@ Two families:
   cast to the storage dtype, with a float32 scale per tensor or per row,
   ``scale = amax * (1 + margin) / dtype_max``. Used for the ADMM variables
   ``z`` and ``u`` of ELSA-L. bfloat16 has float32's range and needs no scale.
-* block-wise absmax 8-bit integers: the last axis is cut into blocks of
-  ``block_size`` entries, each block stores its absmax in float32 and its
+* block-wise absmax 8-bit integers: the row-major flattened array (so the
+  last axis first) is cut into blocks of ``block_size`` entries, each block
+  stores its absmax in float32 and its
   entries as ``round(x / absmax * 127)`` (int8) or ``round(x / absmax * 255)``
   (uint8, for non-negative data). Used for Adam's moments.
 
@@ -117,26 +118,21 @@ def dequantize_scaled(q: jax.Array, scale: jax.Array) -> jax.Array:
 
 def block_scale_shape(shape: tuple[int, ...], block_size: int = DEFAULT_BLOCK_SIZE):
   """Shape of the absmax array of :func:`quantize_blockwise` for ``shape``."""
-  if not shape:
-    return (1,)
-  return tuple(shape[:-1]) + (math.ceil(shape[-1] / block_size),)
+  return (math.ceil(math.prod(shape) / block_size),)
 
 
 def _blocks(x: jax.Array, block_size: int) -> jax.Array:
-  """``[..., L]`` -> ``[..., ceil(L / block_size), block_size]``, zero-padded."""
-  x = x.reshape(x.shape or (1,))
-  length = x.shape[-1]
-  nblocks = math.ceil(length / block_size)
-  pad = nblocks * block_size - length
+  """Flattens (row-major) and cuts into ``[nblocks, block_size]``, zero-padded."""
+  flat = x.reshape(-1)
+  nblocks = math.ceil(flat.shape[0] / block_size)
+  pad = nblocks * block_size - flat.shape[0]
   if pad:
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-  return x.reshape(x.shape[:-1] + (nblocks, block_size))
+    flat = jnp.pad(flat, (0, pad))
+  return flat.reshape(nblocks, block_size)
 
 
 def _unblocks(b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  flat = b.reshape(b.shape[:-2] + (-1,))
-  length = shape[-1] if shape else 1
-  return flat[..., :length].reshape(shape)
+  return b.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
 def quantize_blockwise(
@@ -146,7 +142,7 @@ def quantize_blockwise(
     signed: bool = True,
     keep_nonzero: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-  """Block-wise absmax 8-bit quantisation along the last axis.
+  """Block-wise absmax 8-bit quantisation of the flattened array.
 
   Example:
     >>> import jax.numpy as jnp
@@ -158,9 +154,10 @@ def quantize_blockwise(
     [0.504, -1.0, 0.252]
 
   Args:
-    x: the array to store; any shape (a scalar counts as one block).
-    block_size: entries per block along the last axis (the last block may
-      be shorter).
+    x: the array to store; any shape. Blocks run over the row-major
+      flattening, i.e. along the last axis (for a last axis that is a
+      multiple of ``block_size`` a block never spans two rows).
+    block_size: entries per block (the last block may be shorter).
     signed: int8 codes in ``[-127, 127]``; otherwise uint8 codes in
       ``[0, 255]`` for non-negative data (negative values clip to zero).
     keep_nonzero: round positive values that would round to code 0 up to
@@ -189,4 +186,4 @@ def dequantize_blockwise(
   """Inverse of :func:`quantize_blockwise` in float32 (dtype of ``q`` picks the range)."""
   levels = 127.0 if q.dtype == jnp.int8 else 255.0
   b = _blocks(q.astype(jnp.float32), block_size)
-  return _unblocks(b * (absmax[..., None] / levels), q.shape)
+  return _unblocks(b * (absmax[:, None] / levels), q.shape)

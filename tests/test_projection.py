@@ -1,0 +1,106 @@
+"""Tests of the pure projections: exact counts by bisection, per-row and N:M masks."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import elsa_jax
+from elsa_jax import _projection
+
+
+def _sort_reference(score, k, axis=None):
+  """Keeps the k largest, ties to the lower position: a stable sort of -score."""
+  score = np.asarray(score, np.float64)
+  if axis is None:
+    order = np.argsort(-score.reshape(-1), kind="stable")
+    mask = np.zeros(score.size, bool)
+    mask[order[:k]] = True
+    return mask.reshape(score.shape)
+  moved = np.moveaxis(score, axis, -1)
+  order = np.argsort(-moved, axis=-1, kind="stable")
+  rank = np.argsort(order, axis=-1, kind="stable")
+  return np.moveaxis(rank < k, -1, axis)
+
+
+@pytest.mark.parametrize("levels", [4, 0])
+def test_topk_matches_sort_reference_with_ties(levels):
+  rng = np.random.default_rng(levels)
+  topk = _projection.topk_mask  # jitted; k is dynamic, so one compile per shape
+  for trial in range(12):
+    shape = [(37, 13), (3, 4, 6)][trial % 2]
+    if levels:  # heavy ties: 4 distinct values (negative ones included)
+      score = rng.integers(-2, levels - 2, size=shape).astype(np.float32)
+    else:
+      score = rng.normal(size=shape).astype(np.float32)
+    k = int(rng.integers(0, score.size + 1))
+    mask = np.asarray(topk(jnp.asarray(score), k))
+    assert mask.sum() == k
+    np.testing.assert_array_equal(mask, _sort_reference(score, k))
+    axis = score.ndim - 1
+    k_row = int(rng.integers(0, score.shape[axis] + 1))
+    mask = np.asarray(topk(jnp.asarray(score), k_row, axis=axis))
+    np.testing.assert_array_equal(mask.sum(axis), np.full(mask.sum(axis).shape, k_row))
+    np.testing.assert_array_equal(mask, _sort_reference(score, k_row, axis))
+
+
+def test_topk_orders_special_values():
+  x = jnp.array([-jnp.inf, -1.0, -0.0, 0.0, 1e-45, 2.0, jnp.inf, -1e-45])
+  # Float order: -inf < -1 < -1e-45 < -0 < 0 < 1e-45 < 2 < inf.
+  assert elsa_jax.topk_mask(x, 3).tolist() == [False, False, False, False, True, True, True, False]
+  assert elsa_jax.topk_mask(x, 5).tolist() == [False, False, True, True, True, True, True, False]
+  assert not elsa_jax.topk_mask(x, 0).any()
+  assert elsa_jax.topk_mask(x, 8).all()
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.57, 0.9, 0.95, 0.999])
+def test_unstructured_count_is_round_of_sparsity(sparsity):
+  score = jax.random.normal(jax.random.key(0), (100, 30))
+  mask = elsa_jax.unstructured_mask(score, sparsity)
+  assert int((~mask).sum()) == round(sparsity * 3000)
+  # A traced sparsity gives the same count (float32 arithmetic, exact here).
+  traced = jax.jit(elsa_jax.unstructured_mask)(score, jnp.float32(sparsity))
+  assert int((~traced).sum()) == round(sparsity * 3000)
+
+
+def test_row_mask_counts_per_output_unit():
+  score = jax.random.uniform(jax.random.key(1), (48, 10))
+  mask = elsa_jax.row_mask(score, 0.75, axis=0)  # Flax [in, out]: per output unit
+  np.testing.assert_array_equal(mask.sum(0), np.full(10, 12))
+  mask = elsa_jax.row_mask(score.T, 0.75, axis=1)
+  np.testing.assert_array_equal(mask.sum(1), np.full(10, 12))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_mask_matches_group_sort(n, m):
+  rng = np.random.default_rng(m)
+  score = rng.integers(0, 3, size=(32, 6)).astype(np.float32)  # ties inside groups
+  mask = np.asarray(elsa_jax.nm_mask(jnp.asarray(score), n, m, axis=0))
+  groups = mask.reshape(32 // m, m, 6)
+  np.testing.assert_array_equal(groups.sum(1), np.full((32 // m, 6), n))
+  ref = _sort_reference(score.reshape(32 // m, m, 6), n, axis=1).reshape(32, 6)
+  np.testing.assert_array_equal(mask, ref)
+  # Along the last axis as well.
+  mask = np.asarray(elsa_jax.nm_mask(jnp.asarray(score.T), n, m, axis=1))
+  np.testing.assert_array_equal(mask, ref.T)
+
+
+def test_nm_errors_name_problem_and_fix():
+  with pytest.raises(ValueError, match="do not divide axis 0 of length 10"):
+    elsa_jax.nm_mask(jnp.ones((10, 4)), 2, 4)
+  with pytest.raises(ValueError, match="0 <= N <= M"):
+    elsa_jax.nm_mask(jnp.ones((8, 4)), 5, 4)
+
+
+def test_project_magnitude_and_objective_aware():
+  y = jnp.array([[3.0], [-1.0], [0.5], [-2.0]])
+  chex.assert_trees_all_equal(elsa_jax.project(y, 0.5), jnp.array([[3.0], [0.0], [0.0], [-2.0]]))
+  # With curvature v, a small entry on a stiff coordinate survives.
+  v = jnp.array([[0.01], [100.0], [1.0], [1.0]])
+  chex.assert_trees_all_equal(
+      elsa_jax.project(y, 0.5, v=v), jnp.array([[0.0], [-1.0], [0.0], [-2.0]])
+  )
+  chex.assert_trees_all_equal(
+      elsa_jax.project(y, pattern="nm", n_m=(1, 2), v=v), jnp.array([[0.0], [-1.0], [0.0], [-2.0]])
+  )
