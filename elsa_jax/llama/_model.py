@@ -235,7 +235,7 @@ Llama.__init__ = _with_lazy_sharding(Llama.__init__)
 def split(model: Llama) -> tuple[Any, dict]:
   """``(graphdef, params)``: params a nested pure dict of arrays (list indices as ints)."""
   graphdef, state = nnx.split(model)
-  return graphdef, state.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(state)
 
 
 def merge(graphdef: Any, params: dict) -> Llama:
@@ -251,7 +251,7 @@ def apply(graphdef: Any, params: dict, input_ids: jax.Array, positions: jax.Arra
 def logical_axes(model: Llama) -> dict:
   """Logical axis names of every parameter, as a pure dict shaped like :func:`split`'s params."""
   specs = nnx.get_partition_spec(nnx.state(model))
-  return jax.tree.map(lambda p: tuple(p), specs.to_pure_dict(),
+  return jax.tree.map(lambda p: tuple(p), nnx.to_pure_dict(specs),
                       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
