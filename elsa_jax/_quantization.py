@@ -32,6 +32,7 @@ them keeps its structure through an update.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -72,6 +73,7 @@ def scale_shape(shape: tuple[int, ...], axis=None) -> tuple[int, ...]:
   return tuple(1 if i in axes else d for i, d in enumerate(shape))
 
 
+@functools.partial(jax.jit, static_argnames=("dtype", "axis", "margin"))
 def quantize_scaled(
     x: jax.Array,
     dtype,
@@ -111,6 +113,7 @@ def quantize_scaled(
   return q, scale
 
 
+@jax.jit
 def dequantize_scaled(q: jax.Array, scale: jax.Array) -> jax.Array:
   """Inverse of :func:`quantize_scaled`: ``q * scale`` in float32."""
   return q.astype(jnp.float32) * scale
@@ -135,6 +138,7 @@ def _unblocks(b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return b.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
+@functools.partial(jax.jit, static_argnames=("block_size", "signed", "keep_nonzero"))
 def quantize_blockwise(
     x: jax.Array,
     *,
@@ -180,6 +184,7 @@ def quantize_blockwise(
   return _unblocks(code, x.shape), absmax.astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames="block_size")
 def dequantize_blockwise(
     q: jax.Array, absmax: jax.Array, *, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> jax.Array:
