@@ -28,6 +28,17 @@ class ConfigMismatchError(ValueError):
   """The checkpoint directory belongs to a run with another configuration."""
 
 
+def _flat_nonempty(tree: Any) -> dict[str, Any]:
+  """The non-empty leaves of ``tree`` keyed by position (orbax refuses zero-size arrays,
+  which optimizer states use as placeholders for non-prunable leaves)."""
+  return {str(i): x for i, x in enumerate(jax.tree.leaves(tree)) if x.size}
+
+
+def _unflatten_nonempty(flat: dict[str, Any], template: Any) -> Any:
+  leaves, treedef = jax.tree.flatten(template)
+  return treedef.unflatten([flat[str(i)] if x.size else x for i, x in enumerate(leaves)])
+
+
 def _abstract(tree: Any) -> Any:
   """Shape/dtype/sharding skeleton of ``tree`` for restoring into place."""
   return jax.tree.map(
@@ -114,10 +125,10 @@ class RunCheckpointer:
         step,
         args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(params)),
-            opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+            opt_state=ocp.args.StandardRestore(_abstract(_flat_nonempty(opt_state))),
         ),
     )
-    return step, restored["params"], restored["opt_state"]
+    return step, restored["params"], _unflatten_nonempty(restored["opt_state"], opt_state)
 
   def should_save(self, step: int, final_step: int) -> bool:
     return step == final_step or (self.save_every > 0 and step % self.save_every == 0)
@@ -128,7 +139,7 @@ class RunCheckpointer:
         step,
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
+            opt_state=ocp.args.StandardSave(_flat_nonempty(opt_state)),
         ),
         force=True,
     )

@@ -53,6 +53,8 @@ def make_mesh(data: int = -1, model: int = 1, *, devices: Sequence[Any] | None =
   Returns:
     A ``jax.sharding.Mesh`` with axis names ``("data", "model")``.
 
+  A mesh smaller than the device count uses the first ``data * model`` devices.
+
   Raises:
     ValueError: if the mesh shape does not divide the number of devices.
   """
@@ -65,11 +67,12 @@ def make_mesh(data: int = -1, model: int = 1, *, devices: Sequence[Any] | None =
     )
   if data == -1:
     data = n // model
-  if data < 1 or data * model != n:
+  if data < 1 or n % (data * model):
     raise ValueError(
-        f"mesh data={data} x model={model} = {data * model} does not match the {n} "
-        f"available devices; choose sizes whose product is {n} (or data=-1)."
+        f"mesh data={data} x model={model} = {data * model} does not divide the {n} "
+        f"available devices; choose sizes whose product divides {n} (or data=-1 for all)."
     )
+  devices = devices[: data * model]
   device_array = np.asarray(devices, dtype=object).reshape(data, model)
   return Mesh(device_array, (DATA, MODEL))
 

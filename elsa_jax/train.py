@@ -178,11 +178,20 @@ def make_train_step(
     grads = jax.tree.map(lambda g: g / n, grad_sum)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss_sum / n, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads)}
     metrics.update(_admm.admm_metrics(opt_state)._asdict())
+    metrics["z_sparsity"] = z_sparsity(opt_state)
     return params, opt_state, metrics
 
   return step
+
+
+def z_sparsity(opt_state: Any) -> jax.Array:
+  """Fraction of zeros in ``z`` over the prunable matrices (a device scalar)."""
+  state = _admm.find_admm_state(opt_state)
+  leaves = [z for z in jax.tree.leaves(state.z) if z.ndim >= 2]
+  zeros = sum(jnp.sum(z == 0, dtype=jnp.float32) for z in leaves)
+  return zeros / max(sum(z.size for z in leaves), 1)
 
 
 @dataclasses.dataclass
@@ -303,7 +312,7 @@ def run(
           loss=f"{host['loss']:.3f}",
           lmda=f"{host.get('lmda', cfg.lmda):.3g}",
           gap=f"{host.get('rel_gap', float('nan')):.3f}",
-          flips=f"{host.get('mask_flips', float('nan')):.3f}",
+          flips=f"{host.get('mask_flip_fraction', float('nan')):.3f}",
           z_sparsity=f"{host.get('z_sparsity', float('nan')):.3f}",
           tok_s=f"{tps:.0f}",
           refresh=False,

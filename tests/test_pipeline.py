@@ -88,7 +88,7 @@ def test_prune_export_reload_with_transformers(tiny_run, pattern):
   out = root / f"run-{pattern.replace(':', '')}"
   summary = pipeline.prune(
       model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(pattern=pattern),
-      eval_seqlen=32, compare_magnitude=False, progress=False,
+      eval_seqlen=32, compare_magnitude=False, progress=False, mesh_shape=(1, 1),
   )
   assert np.isfinite(summary["elsa_ppl"]) and np.isfinite(summary["dense_ppl"])
   hf = LlamaForCausalLM.from_pretrained(out / "model", torch_dtype=torch.float32)
@@ -120,7 +120,7 @@ def test_existing_output_is_never_overwritten(tiny_run):
   (out / "model" / "keep.txt").write_text("user data")
   with pytest.raises(FileExistsError, match="--overwrite"):
     pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(),
-                   eval_seqlen=32, progress=False)
+                   eval_seqlen=32, progress=False, mesh_shape=(1, 1))
   assert (out / "model" / "keep.txt").read_text() == "user data"
 
 
@@ -130,7 +130,7 @@ def test_bad_inputs_fail_before_work(tiny_run, tmp_path):
     _cfg(sparsity=1.0)
   with pytest.raises((FileNotFoundError, OSError), match="no-such"):
     pipeline.prune(model=str(tmp_path / "no-such-model"), calib=str(calib), eval_text=str(evalt),
-                   output=tmp_path / "o", cfg=_cfg(), progress=False)
+                   output=tmp_path / "o", cfg=_cfg(), progress=False, mesh_shape=(1, 1))
   with pytest.raises(ValueError, match="devices"):
     pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=tmp_path / "o",
                    cfg=_cfg(), mesh_shape=(3, 1), progress=False)
@@ -138,7 +138,7 @@ def test_bad_inputs_fail_before_work(tiny_run, tmp_path):
   short.write_text("too short")
   with pytest.raises(ValueError, match="token"):
     pipeline.prune(model=str(model_dir), calib=str(short), eval_text=str(evalt), output=tmp_path / "o",
-                   cfg=_cfg(), eval_seqlen=32, progress=False)
+                   cfg=_cfg(), eval_seqlen=32, progress=False, mesh_shape=(1, 1))
   assert not (tmp_path / "o" / "model").exists()
 
 
@@ -146,7 +146,7 @@ def test_checkpoint_from_another_config_is_refused(tiny_run):
   root, model_dir, calib, evalt = tiny_run
   out = root / "cfg-mismatch"
   kw = dict(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, eval_seqlen=32,
-            compare_magnitude=False, evaluate_dense=False, progress=False, checkpoint_every=2)
+            compare_magnitude=False, evaluate_dense=False, progress=False, checkpoint_every=2, mesh_shape=(1, 1))
   pipeline.prune(cfg=_cfg(), stop_after=2, **kw)
   with pytest.raises(ValueError, match="another configuration"):
     pipeline.prune(cfg=_cfg(lmda=0.05), **kw)
