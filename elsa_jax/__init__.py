@@ -27,7 +27,9 @@ from elsa_jax._projection import objective_aware_score
 from elsa_jax._projection import project
 from elsa_jax._projection import row_mask
 from elsa_jax._projection import sparsity_mask
+from elsa_jax._projection import sparsity_masks
 from elsa_jax._projection import topk_mask
+from elsa_jax._projection import topk_masks
 from elsa_jax._projection import unstructured_mask
 from elsa_jax._quantization import dequantize_blockwise
 from elsa_jax._quantization import dequantize_scaled

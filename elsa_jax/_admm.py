@@ -639,37 +639,40 @@ def admm(
     sparsity_at(path)  # raises when the leaf has none
     return True
 
-  def mask_of(score, s):
-    return _projection.sparsity_mask(score, s, pattern=pattern, n_m=n_m, axis=axis)
+  def masks_of(scores, sparsities):
+    return _projection.sparsity_masks(scores, sparsities, pattern=pattern, n_m=n_m, axis=axis)
 
   def init_fn(params):
     zero = jnp.zeros([], jnp.int32)
 
-    def zu_leaf(path, p):
-      if not prunable_leaf(path, p):
-        return _empty(state_dtype), _empty(), _empty(state_dtype), _empty()
-      w = p.astype(jnp.float32)
-      z = jnp.where(mask_of(_projection.magnitude_score(w), leaf_sparsity(path, zero)), w, 0.0)
-      z_q, z_s = _encode_state(z, state_dtype, scale_axis)
-      u_q, u_s = _encode_state(jnp.zeros_like(w), state_dtype, scale_axis)
-      return z_q, z_s, u_q, u_s
-
-    def score_leaf(path, p):
-      if not (use_ema and prunable_leaf(path, p)):
-        return _empty(score_dtype), _empty()
-      return _encode_score(jnp.zeros(p.shape, jnp.float32), score_dtype)
-
-    z, z_scale, u, u_scale = _low_precision.unzip(
-        jax.tree_util.tree_map_with_path(zu_leaf, params), params, 4
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keep = [prunable_leaf(path, p) for path, p in flat]
+    kept = [(path, p.astype(jnp.float32)) for (path, p), k in zip(flat, keep) if k]
+    masks = masks_of(
+        [_projection.magnitude_score(w) for _, w in kept],
+        [leaf_sparsity(path, zero) for path, _ in kept],
     )
-    score, score_scale = _low_precision.unzip(
-        jax.tree_util.tree_map_with_path(score_leaf, params), params, 2
-    )
+    z0 = iter(jnp.where(m, w, 0.0) for (_, w), m in zip(kept, masks))
+    columns = [[] for _ in range(6)]  # z, z_scale, u, u_scale, score, score_scale
+    for (_, p), k in zip(flat, keep):
+      if k:
+        z_q, z_s = _encode_state(next(z0), state_dtype, scale_axis)
+        u_q, u_s = _encode_state(jnp.zeros(p.shape, jnp.float32), state_dtype, scale_axis)
+      else:
+        z_q, z_s, u_q, u_s = _empty(state_dtype), _empty(), _empty(state_dtype), _empty()
+      if k and use_ema:
+        v_q, v_s = _encode_score(jnp.zeros(p.shape, jnp.float32), score_dtype)
+      else:
+        v_q, v_s = _empty(score_dtype), _empty()
+      for column, leaf in zip(columns, (z_q, z_s, u_q, u_s, v_q, v_s)):
+        column.append(leaf)
+    z, z_scale, u, u_scale, score, score_scale = (treedef.unflatten(c) for c in columns)
     base_state = base.init(params)
     if use_base_nu and not _low_precision.find_second_moment(base_state)[0]:
       raise _no_second_moment_error(base_state)
     lmda0 = lmda_at(zero)
-    zero_f = jnp.zeros([], jnp.float32)
+    # Distinct buffers for every scalar, so the state can be donated.
+    scalar = lambda x: jnp.array(x, jnp.float32, copy=True)
     return AdmmState(
         count=zero,
         z=z,
@@ -678,9 +681,9 @@ def admm(
         u_scale=u_scale,
         score=score,
         score_scale=score_scale,
-        lmda=lmda0,
-        lmda_factor=jnp.ones([], jnp.float32),
-        metrics=AdmmMetrics(zero_f, zero_f, zero_f, zero_f, lmda0),
+        lmda=scalar(lmda0),
+        lmda_factor=scalar(1.0),
+        metrics=AdmmMetrics(scalar(0.0), scalar(0.0), scalar(0.0), scalar(0.0), scalar(lmda0)),
         base_state=base_state,
     )
 
@@ -739,31 +742,41 @@ def admm(
         if not found:
           raise _no_second_moment_error(base_state)
       else:
-        v = jax.tree.map(lambda _: None, keep)
+        v = None
 
-      def leaf(path, w, u_, z_old, k, v_):
-        if not k:
-          return z_old, u_, jnp.zeros(4, jnp.float32)
-        w = w.astype(jnp.float32)
-        y = w + u_
-        if v_ is None:
-          sc = _projection.magnitude_score(y)
-        else:
-          sc = _projection.objective_aware_score(y, v_)
-        z = jnp.where(mask_of(sc, leaf_sparsity(path, count)), y, 0.0)
-        stats = jnp.stack([
+      flat, treedef = jax.tree_util.tree_flatten_with_path(new_params)
+      rows = list(zip(
+          flat, jax.tree.leaves(keep), treedef.flatten_up_to(u32), treedef.flatten_up_to(z32),
+          treedef.flatten_up_to(v) if v is not None else [None] * len(flat),
+      ))
+      kept = [(path, w.astype(jnp.float32), u_, z_old, v_)
+              for (path, w), k, u_, z_old, v_ in rows if k]
+      ys = [w + u_ for _, w, u_, _, _ in kept]
+      scores = [
+          _projection.magnitude_score(y) if v_ is None
+          else _projection.objective_aware_score(y, v_)
+          for y, (_, _, _, _, v_) in zip(ys, kept)
+      ]
+      masks = masks_of(scores, [leaf_sparsity(path, count) for path, *_ in kept])
+      stats = jnp.zeros(4, jnp.float32)
+      projected = []
+      for y, m, (_, w, u_, z_old, _) in zip(ys, masks, kept):
+        z = jnp.where(m, y, 0.0)
+        stats = stats + jnp.stack([
             jnp.sum(jnp.square(w - z)),
             jnp.sum(jnp.square(w)),
             jnp.sum(jnp.square(z - z_old)),
             jnp.sum((z != 0) != (z_old != 0), dtype=jnp.float32),
         ])
-        return z, u_ + w - z, stats
-
-      out = jax.tree_util.tree_map_with_path(
-          leaf, new_params, u32, z32, keep, v, is_leaf=lambda x: x is None
-      )
-      z_new, u_new, stats = _low_precision.unzip(out, params, 3)
-      primal2, w2, dz2, flips = sum(jax.tree.leaves(stats), jnp.zeros(4, jnp.float32))
+        projected.append((z, u_ + w - z))
+      projected = iter(projected)
+      z_leaves, u_leaves = [], []
+      for _, k, u_, z_old, _ in rows:
+        z, u_next = next(projected) if k else (z_old, u_)
+        z_leaves.append(z)
+        u_leaves.append(u_next)
+      z_new, u_new = treedef.unflatten(z_leaves), treedef.unflatten(u_leaves)
+      primal2, w2, dz2, flips = stats
       n = sum(
           math.prod(p.shape) for p, k in zip(jax.tree.leaves(params), jax.tree.leaves(keep)) if k
       )
@@ -790,10 +803,13 @@ def admm(
       return (state.z, state.z_scale, u_q, u_s, state.lmda_factor,
               (m.rel_gap, m.primal_residual, m.dual_residual, m.mask_flip_fraction))
 
-    if _is_concrete(interval) and int(np.asarray(interval)) == 1:
+    due = count % interval == 0
+    if _is_concrete(due):  # eager mode, or interval == 1 under jit
+      result = zu_update() if bool(due) else hold()
+    elif _is_concrete(interval) and int(np.asarray(interval)) == 1:
       result = zu_update()
     else:
-      result = jax.lax.cond(count % interval == 0, zu_update, hold)
+      result = jax.lax.cond(due, zu_update, hold)
     z, z_scale, u, u_scale, lmda_factor, signals = result
     return base_updates, AdmmState(
         count=optax.safe_increment(count),
@@ -898,13 +914,6 @@ def _second_moment_for_finalize(opt_state):
   return v
 
 
-@functools.partial(jax.jit, static_argnames=("sparsity", "pattern", "n_m", "axis", "magnitude"))
-def _final_leaf(w, v, *, sparsity, pattern, n_m, axis, magnitude):
-  score = _projection.magnitude_score(w) if magnitude else _projection.objective_aware_score(w, v)
-  mask = _projection.sparsity_mask(score, sparsity, pattern=pattern, n_m=n_m, axis=axis)
-  return jnp.where(mask, w, jnp.zeros_like(w))
-
-
 def finalize(
     params: Any,
     opt_state: Any = None,
@@ -957,9 +966,8 @@ def finalize(
   _check_choice("pattern", pattern, ("unstructured", "row", "nm"))
   at = _resolve_sparsity(sparsity, pattern, n_m)
   keep = prunable_mask(params, prunable)
-  magnitude = projection == "magnitude"
-  if magnitude:
-    v = jax.tree.map(lambda _: None, keep)
+  if projection == "magnitude":
+    v = None
   else:
     if opt_state is None:
       raise ValueError(
@@ -968,9 +976,12 @@ def finalize(
       )
     v = _second_moment_for_finalize(opt_state)
 
-  def leaf(path, w, k, v_):
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  v_leaves = [None] * len(flat) if v is None else treedef.flatten_up_to(v)
+  kept = []
+  for (path, w), k, v_ in zip(flat, jax.tree.leaves(keep), v_leaves):
     if not k:
-      return w
+      continue
     if pattern == "nm":
       _projection.check_nm(w.shape, n_m[0], n_m[1], axis)
     if _is_concrete(w) and bool(jnp.isnan(w).any()):
@@ -979,18 +990,18 @@ def finalize(
           "the learning rate or lmda, or finalize an earlier checkpoint."
       )
     s = at(path)
-    s = float(np.asarray(s)) if _is_concrete(s) else s
-    if not isinstance(s, float):
-      return jnp.where(
-          _projection.sparsity_mask(
-              _projection.magnitude_score(w) if magnitude
-              else _projection.objective_aware_score(w, v_),
-              s, pattern=pattern, n_m=tuple(n_m), axis=axis),
-          w, jnp.zeros_like(w))
-    return _final_leaf(w, v_, sparsity=s, pattern=pattern, n_m=tuple(n_m), axis=axis,
-                       magnitude=magnitude)
-
-  return jax.tree_util.tree_map_with_path(leaf, params, keep, v, is_leaf=lambda x: x is None)
+    kept.append((w, v_, float(np.asarray(s)) if _is_concrete(s) else s))
+  scores = [
+      _projection.magnitude_score(w) if v_ is None else _projection.objective_aware_score(w, v_)
+      for w, v_, _ in kept
+  ]
+  masks = iter(_projection.sparsity_masks(
+      scores, [s for _, _, s in kept], pattern=pattern, n_m=tuple(n_m), axis=axis
+  ))
+  return treedef.unflatten([
+      jnp.where(next(masks), w, jnp.zeros_like(w)) if k else w
+      for (_, w), k in zip(flat, jax.tree.leaves(keep))
+  ])
 
 
 def sparsity_report(params: Any, prunable=None) -> dict[str, Any]:

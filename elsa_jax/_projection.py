@@ -121,36 +121,43 @@ def _positions(shape: tuple[int, ...], axis: int | None) -> jax.Array:
   return position
 
 
-def _topk_cut(keys: jax.Array, k: jax.Array, axis: int | None):
-  """Finds ``(t, p)``: keep ``keys > t`` and ``keys == t`` at positions ``< p``.
+def _topk_cuts(scores, ks, axes):
+  """Finds ``(t, p)`` per array: keep ``key > t``, and ``key == t`` at positions ``< p``.
 
-  One loop of counting passes. Steps ``0..31`` bisect the uint32 key for the
-  largest ``t`` with ``count(keys >= t) >= k`` (the invariant holds at
-  ``t = 0``; each step halves ``[lo, hi]``, so 32 steps reach one value).
-  The remaining ``ceil(log2(n + 1))`` steps bisect the position for the
-  smallest ``p`` with ``count(keys > t) + count(keys == t, position < p) >=
-  k``. ``(t, p)`` is thus the k-th entry in the order (key descending,
-  position ascending), and exactly ``k`` entries rank at or above it.
+  One loop of counting passes shared by all arrays. Steps ``0..31`` bisect
+  the uint32 key for the largest ``t`` with ``count(key >= t) >= k`` (the
+  invariant holds at ``t = 0``; each step halves ``[lo, hi]``, so 32 steps
+  reach one value). The remaining ``ceil(log2(n + 1))`` steps bisect the
+  position for the smallest ``p`` with ``count(key > t) + count(key == t,
+  position < p) >= k``. ``(t, p)`` is thus the k-th entry in the order (key
+  descending, position ascending): exactly ``k`` entries rank at or above
+  it. Steps past convergence leave the bounds unchanged. Keys and positions
+  are recomputed inside the loop, so nothing but the bounds is stored.
   """
-  shape = _reduced_shape(keys.shape, axis)
-  length = math.prod(keys.shape) if axis is None else keys.shape[axis]
-  position = _positions(keys.shape, axis)
+  lengths = [
+      math.prod(s.shape) if a is None else s.shape[a] for s, a in zip(scores, axes)
+  ]
   value_steps = 32
-  position_steps = max(1, math.ceil(math.log2(length + 1)))
-  lo_t = jnp.zeros(shape, jnp.uint32)
-  hi_t = jnp.full(shape, jnp.iinfo(jnp.uint32).max, jnp.uint32)
-  lo_p = jnp.zeros(shape, jnp.int32)
-  hi_p = jnp.full(shape, length, jnp.int32)
+  position_steps = max(1, max(math.ceil(math.log2(n + 1)) for n in lengths))
+  bounds = tuple(
+      (
+          jnp.zeros(_reduced_shape(s.shape, a), jnp.uint32),
+          jnp.full(_reduced_shape(s.shape, a), jnp.iinfo(jnp.uint32).max, jnp.uint32),
+          jnp.zeros(_reduced_shape(s.shape, a), jnp.int32),
+          jnp.full(_reduced_shape(s.shape, a), n, jnp.int32),
+      )
+      for s, a, n in zip(scores, axes, lengths)
+  )
 
-  def body(i, bounds):
-    lo_t, hi_t, lo_p, hi_p = bounds
+  def step(i, score, k, axis, length, lo_t, hi_t, lo_p, hi_p):
     on_value = i < value_steps
     width = hi_t - lo_t
     mid_t = lo_t + (width >> 1) + (width & 1)  # upper middle, no overflow
     mid_p = lo_p + (hi_p - lo_p) // 2
     t = jnp.where(on_value, mid_t, lo_t)
     p = jnp.where(on_value, length, mid_p)
-    ranked = (keys > t) | ((keys == t) & (position < p))
+    keys = _sortable_key(score)
+    ranked = (keys > t) | ((keys == t) & (_positions(score.shape, axis) < p))
     enough = jnp.sum(ranked, axis=axis, keepdims=True, dtype=jnp.int32) >= k
     return (
         jnp.where(on_value & enough, mid_t, lo_t),
@@ -159,13 +166,44 @@ def _topk_cut(keys: jax.Array, k: jax.Array, axis: int | None):
         jnp.where(~on_value & enough, mid_p, hi_p),
     )
 
-  lo_t, _, _, hi_p = jax.lax.fori_loop(
-      0, value_steps + position_steps, body, (lo_t, hi_t, lo_p, hi_p)
-  )
-  return lo_t, hi_p, position
+  def body(i, bounds):
+    return tuple(
+        step(i, s, k, a, n, *b) for s, k, a, n, b in zip(scores, ks, axes, lengths, bounds)
+    )
+
+  bounds = jax.lax.fori_loop(0, value_steps + position_steps, body, bounds)
+  return [(b[0], b[3]) for b in bounds]
 
 
-@functools.partial(jax.jit, static_argnames="axis")
+@functools.partial(jax.jit, static_argnames="axes")
+def topk_masks(scores, ks, axes) -> list[jax.Array]:
+  """:func:`topk_mask` for several arrays at once, in one bisection loop.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from elsa_jax import topk_masks
+    >>> a, b = topk_masks([jnp.array([1., 3., 2.]), jnp.array([[5.], [4.]])], [1, 1], (None, 0))
+    >>> a.tolist(), b.tolist()
+    ([False, True, False], [[True], [False]])
+
+  Args:
+    scores: a sequence of float arrays.
+    ks: how many entries to keep in each (per slice when its axis is set).
+    axes: a tuple with, per array, None or the axis along which entries compete.
+
+  Returns:
+    A list of boolean masks.
+  """
+  scores = [jnp.asarray(s) for s in scores]
+  ks = [jnp.asarray(k, jnp.int32) for k in ks]
+  cuts = _topk_cuts(scores, ks, axes)
+  masks = []
+  for score, axis, (t, p) in zip(scores, axes, cuts):
+    keys = _sortable_key(score)
+    masks.append((keys > t) | ((keys == t) & (_positions(score.shape, axis) < p)))
+  return masks
+
+
 def topk_mask(score: jax.Array, k, *, axis: int | None = None) -> jax.Array:
   """Boolean mask of exactly ``k`` largest scores, without sorting.
 
@@ -191,9 +229,7 @@ def topk_mask(score: jax.Array, k, *, axis: int | None = None) -> jax.Array:
   Returns:
     A boolean array of the shape of ``score``.
   """
-  keys = _sortable_key(score)
-  threshold, cut, position = _topk_cut(keys, jnp.asarray(k, jnp.int32), axis)
-  return (keys > threshold) | ((keys == threshold) & (position < cut))
+  return topk_masks([score], [k], (axis,))[0]
 
 
 def unstructured_mask(score: jax.Array, sparsity) -> jax.Array:
@@ -285,6 +321,70 @@ def check_nm(shape: tuple[int, ...], n: int, m: int, axis: int = 0) -> None:
     )
 
 
+# Arrays projected together share one bisection loop (fewer loops to compile
+# and run); groups are capped so that their scores stay a bounded transient.
+MAX_JOINT_ENTRIES = 2**27
+
+
+def sparsity_masks(
+    scores,
+    sparsities,
+    *,
+    pattern: Pattern = "unstructured",
+    n_m: tuple[int, int] = (2, 4),
+    axis: int = 0,
+    max_joint_entries: int = MAX_JOINT_ENTRIES,
+) -> list[jax.Array]:
+  """The masks of a sparsity pattern for several arrays (see :func:`sparsity_mask`).
+
+  Unstructured and per-row masks of consecutive arrays share one bisection
+  loop, in groups of at most ``max_joint_entries`` entries.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from elsa_jax import sparsity_masks
+    >>> a, b = sparsity_masks([jnp.arange(4.), jnp.arange(6.)], [0.5, 0.5])
+    >>> a.tolist(), b.tolist()
+    ([False, False, True, True], [False, False, False, True, True, True])
+
+  Args:
+    scores: a sequence of float arrays; larger means more important.
+    sparsities: the fraction to prune in each (ignored for ``"nm"``).
+    pattern: ``"unstructured"``, ``"row"`` or ``"nm"``.
+    n_m: ``(n, m)`` for the N:M pattern.
+    axis: the axis along which entries compete (``"row"`` and ``"nm"``).
+    max_joint_entries: the largest number of entries bisected together.
+
+  Returns:
+    A list of boolean masks (True = kept).
+  """
+  scores = list(scores)
+  if pattern == "nm":
+    return [nm_mask(score, *n_m, axis=axis) for score in scores]
+  if pattern not in ("unstructured", "row"):
+    raise ValueError(
+        f"unknown sparsity pattern {pattern!r}; use 'unstructured', 'row' or 'nm'."
+    )
+  ks, axes = [], []
+  for score, sparsity in zip(scores, sparsities, strict=True):
+    if pattern == "unstructured":
+      n, a = math.prod(score.shape), None
+    else:
+      a = axis % score.ndim
+      n = score.shape[a]
+    ks.append(n - num_pruned(n, sparsity))
+    axes.append(a)
+  masks, start, size = [], 0, 0
+  for i, score in enumerate(scores + [None]):
+    if score is None or (size and size + score.size > max_joint_entries):
+      if i > start:
+        masks.extend(topk_masks(scores[start:i], ks[start:i], tuple(axes[start:i])))
+      start, size = i, 0
+    if score is not None:
+      size += score.size
+  return masks
+
+
 def sparsity_mask(
     score: jax.Array,
     sparsity=0.0,
@@ -293,7 +393,7 @@ def sparsity_mask(
     n_m: tuple[int, int] = (2, 4),
     axis: int = 0,
 ) -> jax.Array:
-  """The mask of a sparsity pattern: dispatches to the functions above.
+  """The mask of a sparsity pattern.
 
   Args:
     score: a float array; larger means more important.
@@ -307,15 +407,7 @@ def sparsity_mask(
   Returns:
     A boolean mask (True = kept).
   """
-  if pattern == "unstructured":
-    return unstructured_mask(score, sparsity)
-  if pattern == "row":
-    return row_mask(score, sparsity, axis=axis)
-  if pattern == "nm":
-    return nm_mask(score, *n_m, axis=axis)
-  raise ValueError(
-      f"unknown sparsity pattern {pattern!r}; use 'unstructured', 'row' or 'nm'."
-  )
+  return sparsity_masks([score], [sparsity], pattern=pattern, n_m=n_m, axis=axis)[0]
 
 
 def project(
