@@ -19,7 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import pathlib
+import subprocess
+import sys
 import time
 
 import jax
@@ -89,6 +92,52 @@ def adam_step(graphdef, tx, compute_dtype):
   return step
 
 
+VARIANTS = {
+    "adam": ("adam (floor)", None),
+    "elsa": ("elsa fp32 state", dict()),
+    "elsa-l": ("elsa-L fp8 z/u, int8 moments", dict(state_dtype="float8_e4m3fn", moment_dtype="int8")),
+}
+
+
+def run_variant(args, key: str) -> dict:
+  """Measures one variant in this process (so peak memory is its own)."""
+  name, overrides = VARIANTS[key]
+  config = llama.LlamaConfig(**SHAPES[args.model], max_position_embeddings=max(args.seqlen, 2048))
+  graphdef, params0 = llama.split(llama.Llama(config, rngs=nnx.Rngs(0), remat=args.remat))
+  n_params = llama.param_count(params0)
+  batch = jax.random.randint(jax.random.key(2), (1, args.batch, args.seqlen + 1), 0, config.vocab_size)
+  cfg = train.ElsaConfig(sparsity=0.7, steps=10_000, batch_size=args.batch, seqlen=args.seqlen,
+                         interval=args.interval, compute_dtype="bfloat16", **(overrides or {}))
+  if overrides is None:
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-4, b1=0.9, b2=0.95))
+    fn = adam_step(graphdef, tx, jnp.bfloat16)
+  else:
+    tx = train.make_optimizer(cfg)
+    fn = train.make_train_step(graphdef, tx, compute_dtype=jnp.bfloat16)
+  opt_state = jax.jit(tx.init)(params0)
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(opt_state))
+  step = jax.jit(fn, donate_argnums=(0, 1))
+  # Steps between z-updates (the common case); the z/u update's cost is added below.
+  sec, params, opt_state = time_steps(step, params0, opt_state, batch, args.steps)
+  share = float("nan")
+  if overrides is not None:
+    del params, opt_state
+    tx1 = train.make_optimizer(dataclasses.replace(cfg, interval=1))
+    step1 = jax.jit(train.make_train_step(graphdef, tx1, compute_dtype=jnp.bfloat16), donate_argnums=(0, 1))
+    p1 = llama.split(llama.Llama(config, rngs=nnx.Rngs(0)))[1]
+    sec_every, _, _ = time_steps(step1, p1, jax.jit(tx1.init)(p1), batch, max(3, args.steps // 4))
+    extra = max(sec_every - sec, 0.0) / args.interval
+    share = extra / (sec + extra)
+    sec = sec + extra
+  peak = measure_peak_tflops()
+  tokens = args.batch * args.seqlen
+  tps = tokens / sec
+  return dict(variant=name, step_ms=sec * 1e3, tokens_per_s=tps,
+              mfu=tps * flops_per_token(config, n_params, args.seqlen) / (peak * 1e12), zu_share=share,
+              peak_mem_gib=peak_memory_bytes() / 2**30, state_bytes_per_param=state_bytes / n_params,
+              n_params=n_params, peak_tflops=peak)
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", default="smollm2", choices=sorted(SHAPES))
@@ -97,66 +146,27 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--interval", type=int, default=32)
   ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--variant", choices=sorted(VARIANTS), help="measure only this one (internal)")
   ap.add_argument("--out", default="results/bench_speed.md")
   args = ap.parse_args()
-
-  config = llama.LlamaConfig(**SHAPES[args.model], max_position_embeddings=max(args.seqlen, 2048))
-  model = llama.Llama(config, rngs=nnx.Rngs(0), remat=args.remat)
-  graphdef, params0 = llama.split(model)
-  del model
-  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params0))
-  report = elsa_jax.sparsity_report(params0)
-  n_prunable = int(report["overall"]["numel"]) if "numel" in report["overall"] else None
-  peak = measure_peak_tflops()
-  fpt = flops_per_token(config, n_params, args.seqlen)
-  tokens = args.batch * args.seqlen
-  batch = jax.random.randint(jax.random.key(2), (1, args.batch, args.seqlen + 1), 0, config.vocab_size)
-
+  if args.variant:
+    print("ROW " + json.dumps(run_variant(args, args.variant)), flush=True)
+    return
   rows = []
-  variants = [
-      ("adam (floor)", None),
-      ("elsa fp32 state", dict()),
-      ("elsa-L fp8 z/u, int8 moments", dict(state_dtype="float8_e4m3fn", moment_dtype="int8")),
-  ]
-  for name, overrides in variants:
-    cfg = train.ElsaConfig(sparsity=0.7, steps=10_000, batch_size=args.batch, seqlen=args.seqlen,
-                           interval=args.interval, compute_dtype="bfloat16", **(overrides or {}))
-    if overrides is None:
-      tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-4, b1=0.9, b2=0.95))
-      fn = adam_step(graphdef, tx, jnp.bfloat16)
-    else:
-      tx = train.make_optimizer(cfg)
-      fn = train.make_train_step(graphdef, tx, compute_dtype=jnp.bfloat16)
-    params = jax.tree.map(jnp.array, params0)
-    opt_state = jax.jit(tx.init)(params)
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(opt_state) if hasattr(x, "nbytes"))
-    step = jax.jit(fn, donate_argnums=(0, 1))
-    # Steps between z-updates (the common case) and the whole interval's average.
-    sec, params, opt_state = time_steps(step, params, opt_state, batch, args.steps)
-    share = float("nan")
-    if overrides is not None:
-      cfg_every = dataclasses.replace(cfg, interval=1)
-      tx1 = train.make_optimizer(cfg_every)
-      step1 = jax.jit(train.make_train_step(graphdef, tx1, compute_dtype=jnp.bfloat16), donate_argnums=(0, 1))
-      p1 = jax.tree.map(jnp.array, params0)
-      s1 = jax.jit(tx1.init)(p1)
-      sec_every, _, _ = time_steps(step1, p1, s1, batch, max(3, args.steps // 4))
-      del p1, s1
-      extra = max(sec_every - sec, 0.0) / args.interval
-      share = extra / (sec + extra)
-      sec = sec + extra
-    tps = tokens / sec
-    mfu = tps * fpt / (peak * 1e12)
-    rows.append(dict(variant=name, step_ms=sec * 1e3, tokens_per_s=tps, mfu=mfu, zu_share=share,
-                     peak_mem_gib=peak_memory_bytes() / 2**30, state_bytes_per_param=state_bytes / n_params))
-    del params, opt_state
-
+  for key in VARIANTS:
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", key]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("ROW ")]
+    if out.returncode or not line:
+      print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+      raise SystemExit(f"variant {key} failed")
+    rows.append(json.loads(line[0][4:]))
   device = jax.devices()[0].device_kind
   floor = rows[0]["tokens_per_s"]
   lines = [
-      f"model {args.model} ({n_params / 1e6:.1f}M params), batch {args.batch} x {args.seqlen} tokens, "
-      f"bf16 compute / fp32 master, z/u interval {args.interval}, device {device} "
-      f"(measured bf16 peak {peak:.0f} TFLOP/s), {datetime.date.today()}",
+      f"model {args.model} ({rows[0]['n_params'] / 1e6:.1f}M params, random weights), batch {args.batch} x "
+      f"{args.seqlen} tokens, bf16 compute / fp32 master, z/u interval {args.interval}, remat {args.remat}, "
+      f"device {device} (measured bf16 matmul peak {rows[0]['peak_tflops']:.0f} TFLOP/s), {datetime.date.today()}",
       "",
       "| variant | step ms | tokens/s | vs Adam | MFU | z/u share | peak mem GiB | opt-state B/param |",
       "|---|---|---|---|---|---|---|---|",
@@ -172,7 +182,6 @@ def main() -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   with open(out, "a") as f:
     f.write(table + "\n\n")
-  del n_prunable
 
 
 if __name__ == "__main__":

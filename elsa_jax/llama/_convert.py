@@ -97,7 +97,7 @@ def _tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
   return out
 
 
-def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
                     remat: bool = False) -> tuple[Llama, LlamaConfig]:
   """Loads an HF LLaMA (config.json + safetensors, sharded or not) as an NNX model.
 

@@ -71,7 +71,7 @@ def config_from_gguf(reader) -> LlamaConfig:
   )
 
 
-def from_gguf(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+def from_gguf(path: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
               remat: bool = False) -> tuple[Llama, LlamaConfig]:
   """Loads a LLaMA from a GGUF file, dequantising every tensor.
 

@@ -173,6 +173,8 @@ class Llama(nnx.Module):
   Args:
     config: the model's shape.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay in ``param_dtype``.
+      None (the default) computes in the dtype of the parameters themselves, so
+      a training step that casts fp32 master weights to bf16 computes in bf16.
     param_dtype: storage dtype of the parameters (the fp32 master copy).
     remat: rematerialise each decoder layer in the backward pass.
     rngs: initialisation randomness.
@@ -184,7 +186,7 @@ class Llama(nnx.Module):
     logits = model(jnp.zeros((1, 8), jnp.int32))  # [1, 8, 512] float32
   """
 
-  def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+  def __init__(self, config: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, remat: bool = False,
                rngs: nnx.Rngs | None = None):
     rngs = nnx.Rngs(0) if rngs is None else rngs
     self.config = config
@@ -207,7 +209,8 @@ class Llama(nnx.Module):
     """The final normalised hidden states ``[B, T, hidden]``."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-    x = self.embed_tokens(input_ids)
+    table = self.embed_tokens.embedding[...]
+    x = jnp.take(table, input_ids, axis=0).astype(self.dtype or table.dtype)
     for layer in self.layers:
       if self.remat:
         x = nnx.remat(lambda mdl, h, p: mdl(h, p))(layer, x, positions)
@@ -218,7 +221,10 @@ class Llama(nnx.Module):
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
     """Next-token logits ``[B, T, vocab]`` in float32."""
     h = self.hidden_states(input_ids, positions)
-    logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+    if self.lm_head is None:
+      logits = h @ self.embed_tokens.embedding[...].astype(h.dtype).T
+    else:
+      logits = self.lm_head(h)
     return logits.astype(jnp.float32)
 
 

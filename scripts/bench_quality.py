@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Perplexity of pruning methods across sparsities, on one model, calibration set and held-out text.
+
+Writes ``results/quality-<preset>.md`` (a markdown table) and, where matplotlib
+is installed, ``results/quality-<preset>.png`` (perplexity vs sparsity, log
+scale). Every cell is one ``elsa_jax.pipeline.prune`` run with the same
+calibration and evaluation text.
+
+  python scripts/bench_quality.py --preset cpu                   # 2-core CPU, short budget
+  python scripts/bench_quality.py --preset full                  # one GPU: 1024 x 8 x 1024 tokens
+  python scripts/bench_quality.py --methods elsa,magnitude --sparsities 0.7,0.9 --preset full
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+
+from elsa_jax import pipeline
+from elsa_jax import train
+
+ALL_METHODS = ("magnitude", "wanda", "sparsegpt", "safe", "elsa")
+ALL_PATTERNS = ("0.5", "0.6", "0.7", "0.8", "0.9", "2:4")
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--model", default="default")
+  ap.add_argument("--preset", default="cpu", choices=sorted(pipeline.PRESETS))
+  ap.add_argument("--methods", default=",".join(ALL_METHODS))
+  ap.add_argument("--sparsities", default=",".join(ALL_PATTERNS), help="fractions and/or N:M patterns")
+  ap.add_argument("--steps", type=int, help="override the preset's ELSA steps")
+  ap.add_argument("--lmda", type=float)
+  ap.add_argument("--lr", type=float)
+  ap.add_argument("--eval-windows", type=int)
+  ap.add_argument("--out-dir", default="results")
+  args = ap.parse_args()
+
+  preset = pipeline.PRESETS[args.preset]
+  overrides = {k: v for k, v in dict(steps=args.steps, lmda=args.lmda, lr=args.lr).items() if v is not None}
+  base = train.ElsaConfig(**{k: v for k, v in preset.items() if k in {f.name for f in dataclasses.fields(
+      train.ElsaConfig)}}, **overrides)
+  eval_seqlen = preset["eval_seqlen"]
+  eval_windows = preset["eval_windows"] if args.eval_windows is None else args.eval_windows
+  out_dir = pathlib.Path(args.out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  methods = args.methods.split(",")
+  targets = args.sparsities.split(",")
+  results: dict[tuple[str, str], float] = {}
+  dense = None
+  t0 = time.time()
+  for target in targets:
+    cfg = (dataclasses.replace(base, pattern=target) if ":" in target
+           else dataclasses.replace(base, sparsity=float(target)))
+    for method in methods:
+      run_dir = out_dir / "runs" / f"{args.preset}-{method}-{target.replace(':', 'of')}"
+      try:
+        summary = pipeline.prune(
+            model=args.model, output=run_dir, cfg=cfg, method=method, eval_seqlen=eval_seqlen,
+            eval_windows=eval_windows, compare_magnitude=False, evaluate_dense=dense is None,
+            overwrite=True, checkpoint_every=0, progress=False,
+        )
+      except ImportError as err:
+        print(f"skipping {method}: {err}", file=sys.stderr)
+        continue
+      if dense is None:
+        dense = summary["dense_ppl"]
+      results[(method, target)] = summary[f"{method}_ppl"]
+      print(f"{method:10s} {target:5s} ppl {results[(method, target)]:.2f} ({time.time() - t0:.0f}s)", flush=True)
+
+  device = jax.devices()[0].device_kind
+  header = ("| method | " + " | ".join(t if ":" in t else f"{float(t):.0%}" for t in targets) + " |")
+  lines = [
+      f"model {args.model}, preset {args.preset} (ELSA {base.steps} steps x {base.batch_size} x {base.seqlen} "
+      f"tokens, lr {base.lr}, lmda {base.lmda}, interval {base.interval}, score {base.score_source}), "
+      f"eval seqlen {eval_seqlen}, windows {eval_windows or 'all'}, device {device}, {datetime.date.today()}, "
+      f"dense perplexity {dense:.3f}",
+      "",
+      header,
+      "|---" * (len(targets) + 1) + "|",
+  ]
+  for method in methods:
+    cells = [results.get((method, t)) for t in targets]
+    if all(c is None for c in cells):
+      continue
+    lines.append(f"| {method} | " + " | ".join("-" if c is None else _fmt(c) for c in cells) + " |")
+  table = "\n".join(lines)
+  print(table)
+  (out_dir / f"quality-{args.preset}.md").write_text(table + "\n")
+  (out_dir / f"quality-{args.preset}.json").write_text(json.dumps(
+      {"dense": dense, "results": {f"{m}@{t}": v for (m, t), v in results.items()}}, indent=2))
+  _plot(results, dense, methods, [t for t in targets if ":" not in t], out_dir / f"quality-{args.preset}.png")
+
+
+def _fmt(x: float) -> str:
+  if not math.isfinite(x):
+    return "inf"
+  return f"{x:,.1f}" if x < 1e5 else f"{x:.2e}"
+
+
+def _plot(results, dense, methods, fractions, path) -> None:
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return
+  fig, ax = plt.subplots(figsize=(6, 4))
+  xs = [float(t) for t in fractions]
+  for method in methods:
+    ys = [results.get((method, t), float("nan")) for t in fractions]
+    if any(math.isfinite(y) for y in ys):
+      ax.plot(xs, ys, marker="o", label=method)
+  ax.axhline(dense, color="gray", linestyle="--", label="dense")
+  ax.set_yscale("log")
+  ax.set_xlabel("sparsity")
+  ax.set_ylabel("perplexity (held-out)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  main()
