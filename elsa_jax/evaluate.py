@@ -141,8 +141,13 @@ def _padded_batches(windows: np.ndarray, batch_size: int):
     yield ids, np.arange(batch_size) < n
 
 
+def _host_sum(values: jax.Array) -> float:
+  return float(np.sum(np.asarray(values, np.float64)))
+
+
 def perplexity_with_stats(logits_fn: LogitsFn, tokens: np.ndarray, *, seqlen: int, batch_size: int = 8,
-                          max_windows: int | None = None, max_tokens: int | None = None) -> PerplexityResult:
+                          max_windows: int | None = None, max_tokens: int | None = None,
+                          progress: bool = False) -> PerplexityResult:
   """Perplexity of a model on a token stream, with the windows/tokens counted.
 
   Every batch has exactly ``batch_size`` rows: the last one is padded with
@@ -159,6 +164,7 @@ def perplexity_with_stats(logits_fn: LogitsFn, tokens: np.ndarray, *, seqlen: in
     batch_size: Windows per call of ``logits_fn``.
     max_windows: Evaluate at most this many windows (the first ones).
     max_tokens: Evaluate at most ``max_tokens // seqlen`` windows.
+    progress: Show a progress bar (tqdm) over the batches.
 
   Returns:
     The perplexity with its mean NLL and the number of windows and tokens.
@@ -166,14 +172,23 @@ def perplexity_with_stats(logits_fn: LogitsFn, tokens: np.ndarray, *, seqlen: in
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
   windows = eval_windows(tokens, seqlen, max_windows=max_windows, max_tokens=max_tokens)
-  sums = []  # device arrays; read back at the end so that batches dispatch asynchronously
-  for ids, mask in _padded_batches(windows, batch_size):
+  batches = _padded_batches(windows, batch_size)
+  if progress:
+    from tqdm.auto import tqdm
+
+    batches = tqdm(batches, total=-(-len(windows) // batch_size), unit="batch", desc="perplexity")
+  total, pending = 0.0, None
+  for ids, mask in batches:
     logits = logits_fn(ids)
     if logits.ndim != 3 or logits.shape[:2] != ids.shape:
       raise ValueError(f"logits_fn returned shape {logits.shape} for input_ids of shape {ids.shape}; "
                        f"expected [{ids.shape[0]}, {ids.shape[1]}, vocab].")
-    sums.append(window_nll(logits, ids, mask))
-  total = float(np.sum(np.concatenate([np.asarray(s, np.float64) for s in sums])))
+    # Read back the previous batch only now: one batch computes while the next is dispatched, and at
+    # most two batches of logits are alive.
+    if pending is not None:
+      total += _host_sum(pending)
+    pending = window_nll(logits, ids, mask)
+  total += _host_sum(pending)
   n = len(windows)
   predicted = n * (seqlen - 1)
   mean_nll = total / predicted
@@ -183,7 +198,7 @@ def perplexity_with_stats(logits_fn: LogitsFn, tokens: np.ndarray, *, seqlen: in
 
 
 def perplexity(logits_fn: LogitsFn, tokens: np.ndarray, *, seqlen: int, batch_size: int = 8,
-               max_windows: int | None = None, max_tokens: int | None = None) -> float:
+               max_windows: int | None = None, max_tokens: int | None = None, progress: bool = False) -> float:
   """Perplexity of a model on a token stream (see :func:`perplexity_with_stats`)."""
-  return perplexity_with_stats(logits_fn, tokens, seqlen=seqlen, batch_size=batch_size,
-                               max_windows=max_windows, max_tokens=max_tokens).perplexity
+  return perplexity_with_stats(logits_fn, tokens, seqlen=seqlen, batch_size=batch_size, max_windows=max_windows,
+                               max_tokens=max_tokens, progress=progress).perplexity
