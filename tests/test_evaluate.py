@@ -60,7 +60,7 @@ def test_limits_keep_the_first_windows():
   by_tokens = evaluate.perplexity_with_stats(logits_fn, tokens, seqlen=10, batch_size=4, max_tokens=39)
   assert by_windows == by_tokens and by_windows.windows == 3
   assert evaluate.perplexity(logits_fn, tokens, seqlen=10, batch_size=2, max_windows=3, progress=True) == \
-      pytest.approx(by_windows.perplexity, rel=1e-12)
+      pytest.approx(by_windows.perplexity, rel=1e-6)
   expected = np.exp(_reference_nll(table, tokens[:30].reshape(3, 10)).mean() / 9)
   np.testing.assert_allclose(by_windows.perplexity, expected, rtol=1e-5, err_msg=f"seed {seed}")
 
