@@ -139,14 +139,12 @@ def llama_params(seed=0, hidden=16, ffn=32, vocab=24, layers=1):
   r = np.random.default_rng(seed)
   normal = lambda *shape: jnp.asarray(r.normal(size=shape) / np.sqrt(shape[0]), jnp.float32)
   block = lambda: {
-      "self_attn": {"q_proj": {"kernel": normal(hidden, hidden)}},
       "mlp": {"up_proj": {"kernel": normal(hidden, ffn)}, "down_proj": {"kernel": normal(ffn, hidden)}},
       "input_layernorm": {"scale": jnp.ones(hidden)},
   }
   return {
       "embed_tokens": {"embedding": normal(vocab, hidden)},
       "layers": {i: block() for i in range(layers)},
-      "norm": {"scale": jnp.ones(hidden)},
       "lm_head": {"kernel": normal(hidden, vocab)},
   }
 
@@ -155,9 +153,8 @@ def llama_loss(params, tokens):
   h = params["embed_tokens"]["embedding"][tokens[:, :-1]]
   for layer in params["layers"].values():
     a = h * layer["input_layernorm"]["scale"]
-    h = h + jnp.tanh(a @ layer["self_attn"]["q_proj"]["kernel"])
-    h = h + jax.nn.gelu(h @ layer["mlp"]["up_proj"]["kernel"]) @ layer["mlp"]["down_proj"]["kernel"]
-  logits = (h * params["norm"]["scale"]) @ params["lm_head"]["kernel"]
+    h = h + jax.nn.gelu(a @ layer["mlp"]["up_proj"]["kernel"]) @ layer["mlp"]["down_proj"]["kernel"]
+  logits = h @ params["lm_head"]["kernel"]
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
@@ -214,12 +211,12 @@ def get(tree, path):
 def test_default_prunable_selects_block_linears_only():
   params = llama_params(layers=2)
   paths = kernel_paths(params)
-  assert len(paths) == 6 and all(p.startswith("layers/") and p.endswith("/kernel") for p in paths)
+  assert len(paths) == 4 and all(p.startswith("layers/") and p.endswith("/kernel") for p in paths)
   # A user predicate and a bool prefix tree.
-  only_mlp = lambda path, leaf: "mlp" in elsa_jax._admm.path_names(path) and leaf.ndim == 2
-  assert len(kernel_paths_with(params, only_mlp)) == 4
+  only_up = lambda path, leaf: "up_proj" in elsa_jax._admm.path_names(path) and leaf.ndim == 2
+  assert len(kernel_paths_with(params, only_up)) == 2
   tree = {"layers": {0: True, 1: False}}
-  assert len(kernel_paths_with(params, tree)) == 4  # layer 0: 3 kernels + its norm...
+  assert len(kernel_paths_with(params, tree)) == 3  # layer 0: 2 kernels + its norm...
   # ...which is not a matrix: a clear error at init.
   with pytest.raises(ValueError, match="not a matrix"):
     elsa_jax.admm(optax.sgd(0.1), sparsity=0.5, prunable=tree).init(params)
@@ -232,7 +229,7 @@ def test_default_prunable_selects_block_linears_only():
         ("row", dict(sparsity=0.75)),
         ("nm", dict(n_m=(2, 4))),
         ("nm", dict(n_m=(4, 8))),
-        ("unstructured", dict(sparsity={"layers": {0: {"mlp": 0.9, "self_attn": 0.25}}})),
+        ("unstructured", dict(sparsity={"layers": {0: {"mlp": {"up_proj": 0.9, "down_proj": 0.25}}}})),
     ],
 )
 def test_finalize_gives_exact_sparsity(pattern, kwargs):
@@ -256,11 +253,11 @@ def test_finalize_gives_exact_sparsity(pattern, kwargs):
     else:
       s = kwargs["sparsity"]
       if isinstance(s, dict):
-        s = 0.9 if "mlp" in name else 0.25
+        s = 0.9 if "up_proj" in name else 0.25
       assert zero.sum() == round(s * w.size), name
     assert report["per_matrix"][name] == zero.mean()
   sizes = [w.size for w, k in zip(jax.tree.leaves(final), jax.tree.leaves(mask)) if k]
-  assert report["total"] == sum(sizes) and len(report["per_matrix"]) == 3
+  assert report["total"] == sum(sizes) and len(report["per_matrix"]) == 2
 
 
 # ----------------------------------------------------------------------------
@@ -386,7 +383,7 @@ def test_inject_hyperparams_low_precision_state():
       tx, lambda leaf, p: p.shape, state, params, transform_non_params=lambda _: None
   )
   mapped = elsa_jax.find_admm_state(mapped)
-  assert mapped.z_scale["norm"]["scale"] == (16,) and mapped.lmda is None
+  assert mapped.z_scale["lm_head"]["kernel"] == (16, 24) and mapped.lmda is None
 
 
 def test_lmda_schedule_residual_balancing_and_sparsity_ramp():
@@ -500,8 +497,8 @@ def test_clear_errors():
     elsa_jax.finalize(params, sparsity=0.5)
   with pytest.raises(ValueError, match="unknown pattern 'blocks'"):
     elsa_jax.admm(optax.sgd(0.1), sparsity=0.5, pattern="blocks")
-  with pytest.raises(ValueError, match="no sparsity given for the prunable leaf 'layers/0/self_attn"):
-    elsa_jax.admm(optax.sgd(0.1), sparsity={"layers": {0: {"mlp": 0.5}}}).init(params)
+  with pytest.raises(ValueError, match="no sparsity given for the prunable leaf 'layers/0/mlp/up"):
+    elsa_jax.admm(optax.sgd(0.1), sparsity={"layers": {0: {"mlp": {"down_proj": 0.5}}}}).init(params)
   with pytest.raises(ValueError, match="needs the params"):
     elsa_jax.admm(optax.sgd(0.1), sparsity=0.5).update(params, None)
   nan = jax.tree.map(lambda x: x, params)

@@ -1,5 +1,7 @@
 """Tests of the storage codecs and of Adam with low-precision moments."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -32,7 +34,7 @@ def test_fp8_scaled_roundtrip(dtype, rel, axis):
   chex.assert_trees_all_equal(elsa_jax.dequantize_scaled(q, scale), jnp.zeros((3, 2)))
 
 
-@pytest.mark.parametrize("shape", [(), (5,), (3, 300), (2, 3, 256)])
+@pytest.mark.parametrize("shape", [(), (3, 300)])
 def test_blockwise_roundtrip_and_shapes(shape):
   x = jax.random.normal(jax.random.key(1), shape)
   q, absmax = elsa_jax.quantize_blockwise(x)
@@ -60,34 +62,40 @@ def test_adam_lowp_float32_is_adam():
     chex.assert_trees_all_close(u_ours, u_ref, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("moment_dtype", ["bfloat16", "int8"])
-def test_adam_lowp_state_and_convergence(moment_dtype):
-  """Reduced-precision moments: stable state layout and near-fp32 convergence."""
+@functools.lru_cache(maxsize=None)
+def _lsq_adam(moment_dtype):
+  """600 Adam steps on a small least-squares problem; ``None`` is optax.adam."""
   r = np.random.default_rng(0)
   x = jnp.asarray(r.normal(size=(256, 32)) * np.logspace(-1, 1, 32), jnp.float32)
-  w_true = jnp.asarray(r.normal(size=(32, 8)), jnp.float32)
-  y = x @ w_true
+  y = x @ jnp.asarray(r.normal(size=(32, 8)), jnp.float32)
 
   def loss(p, xb, yb):
     return 0.5 * jnp.mean(jnp.sum((xb @ p["w"] - yb) ** 2, -1))
 
-  def train(tx):
-    def step(carry, t):
-      p, s = carry
-      i = (t * 32) % 256
-      g = jax.grad(loss)(p, jax.lax.dynamic_slice_in_dim(x, i, 32), jax.lax.dynamic_slice_in_dim(y, i, 32))
-      u, s2 = tx.update(g, s, p)
-      chex.assert_trees_all_equal_shapes_and_dtypes(s, s2)
-      return (optax.apply_updates(p, u), s2), None
-
-    p0 = {"w": jnp.zeros((32, 8))}
-    (p, s), _ = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(600)))((p0, tx.init(p0)))
-    return float(loss(p, x, y)), s
-
   sched = optax.linear_schedule(3e-2, 0.0, 600)
-  ref, _ = train(optax.adam(sched, b2=0.95))
-  ours, state = train(elsa_jax.adam_lowp(sched, b2=0.95, moment_dtype=moment_dtype))
-  start = float(loss({"w": jnp.zeros((32, 8))}, x, y))
+  if moment_dtype is None:
+    tx = optax.adam(sched, b2=0.95)
+  else:
+    tx = elsa_jax.adam_lowp(sched, b2=0.95, moment_dtype=moment_dtype)
+
+  def step(carry, t):
+    p, s = carry
+    i = (t * 32) % 256
+    g = jax.grad(loss)(p, jax.lax.dynamic_slice_in_dim(x, i, 32), jax.lax.dynamic_slice_in_dim(y, i, 32))
+    u, s2 = tx.update(g, s, p)
+    chex.assert_trees_all_equal_shapes_and_dtypes(s, s2)
+    return (optax.apply_updates(p, u), s2), None
+
+  p0 = {"w": jnp.zeros((32, 8))}
+  (p, s), _ = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(600)))((p0, tx.init(p0)))
+  return float(loss(p0, x, y)), float(loss(p, x, y)), s
+
+
+@pytest.mark.parametrize("moment_dtype", ["bfloat16", "int8"])
+def test_adam_lowp_state_and_convergence(moment_dtype):
+  """Reduced-precision moments: stable state layout and near-fp32 convergence."""
+  start, ref, _ = _lsq_adam(None)
+  _, ours, state = _lsq_adam(moment_dtype)
   assert ours < 1e-7 * start  # both reach ~1e-8 of the initial loss
   assert ours < 2.0 * ref + 1e-8 * start
   nu = state[0].nu["w"]
