@@ -47,7 +47,6 @@ shapes and dtypes never change through an update.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -733,70 +732,59 @@ def admm(
 
     def zu_update():
       new_params = optax.apply_updates(params, base_updates)
+      flat, treedef = jax.tree_util.tree_flatten_with_path(new_params)
+      leaves = treedef.flatten_up_to
       if use_ema:
-        v = jax.tree.map(
-            lambda q, s, k: _decode_score(q, s) if k else q, score, score_scale, keep
-        )
+        v = [_decode_score(q, s) for q, s in zip(leaves(score), leaves(score_scale))]
       elif use_base_nu:
-        found, v = _low_precision.find_second_moment(base_state)
+        found, nu = _low_precision.find_second_moment(base_state)
         if not found:
           raise _no_second_moment_error(base_state)
+        v = leaves(nu)
       else:
-        v = None
-
-      flat, treedef = jax.tree_util.tree_flatten_with_path(new_params)
-      rows = list(zip(
-          flat, jax.tree.leaves(keep), treedef.flatten_up_to(u32), treedef.flatten_up_to(z32),
-          treedef.flatten_up_to(v) if v is not None else [None] * len(flat),
-      ))
-      kept = [(path, w.astype(jnp.float32), u_, z_old, v_)
-              for (path, w), k, u_, z_old, v_ in rows if k]
-      ys = [w + u_ for _, w, u_, _, _ in kept]
+        v = [None] * len(flat)
+      kept = [i for i, k in enumerate(leaves(keep)) if k]
+      u_l, z_l = leaves(u32), leaves(z32)
+      w = [flat[i][1].astype(jnp.float32) for i in kept]
+      y = [w_ + u_l[i] for w_, i in zip(w, kept)]
       scores = [
-          _projection.magnitude_score(y) if v_ is None
-          else _projection.objective_aware_score(y, v_)
-          for y, (_, _, _, _, v_) in zip(ys, kept)
+          _projection.magnitude_score(y_) if v[i] is None
+          else _projection.objective_aware_score(y_, v[i])
+          for y_, i in zip(y, kept)
       ]
-      masks = masks_of(scores, [leaf_sparsity(path, count) for path, *_ in kept])
-      stats = jnp.zeros(4, jnp.float32)
-      projected = []
-      for y, m, (_, w, u_, z_old, _) in zip(ys, masks, kept):
-        z = jnp.where(m, y, 0.0)
-        stats = stats + jnp.stack([
-            jnp.sum(jnp.square(w - z)),
-            jnp.sum(jnp.square(w)),
-            jnp.sum(jnp.square(z - z_old)),
-            jnp.sum((z != 0) != (z_old != 0), dtype=jnp.float32),
-        ])
-        projected.append((z, u_ + w - z))
-      projected = iter(projected)
-      z_leaves, u_leaves = [], []
-      for _, k, u_, z_old, _ in rows:
-        z, u_next = next(projected) if k else (z_old, u_)
-        z_leaves.append(z)
-        u_leaves.append(u_next)
-      z_new, u_new = treedef.unflatten(z_leaves), treedef.unflatten(u_leaves)
-      primal2, w2, dz2, flips = stats
-      n = sum(
-          math.prod(p.shape) for p, k in zip(jax.tree.leaves(params), jax.tree.leaves(keep)) if k
+      masks = masks_of(scores, [leaf_sparsity(flat[i][0], count) for i in kept])
+      z = [jnp.where(m, y_, 0.0) for m, y_ in zip(masks, y)]
+      u_next = [u_l[i] + w_ - z_ for i, w_, z_ in zip(kept, w, z)]
+
+      # Convergence signals over all prunable entries.
+      total = lambda xs: sum(xs, jnp.zeros([], jnp.float32))
+      primal = jnp.sqrt(total([jnp.sum(jnp.square(w_ - z_)) for w_, z_ in zip(w, z)]))
+      norm_w = jnp.sqrt(total([jnp.sum(jnp.square(w_)) for w_ in w]))
+      dual = lmda_now * jnp.sqrt(
+          total([jnp.sum(jnp.square(z_ - z_l[i])) for i, z_ in zip(kept, z)])
       )
-      primal = jnp.sqrt(primal2)
-      dual = lmda_now * jnp.sqrt(dz2)
-      rel_gap = primal / jnp.maximum(jnp.sqrt(w2), jnp.finfo(jnp.float32).tiny)
-      flip_fraction = flips / max(n, 1)
+      flips = total([
+          jnp.sum((z_ != 0) != (z_l[i] != 0), dtype=jnp.float32) for i, z_ in zip(kept, z)
+      ])
+      n = max(1, sum(math.prod(w_.shape) for w_ in w))
+      signals = (
+          primal / jnp.maximum(norm_w, jnp.finfo(jnp.float32).tiny),
+          primal,
+          dual,
+          flips / n,
+      )
       factor = state.lmda_factor
       if lmda_schedule == "residual_balancing":
         up = primal > balance_mu * dual
         down = dual > balance_mu * primal
         factor = factor * jnp.where(up, balance_tau, jnp.where(down, 1.0 / balance_tau, 1.0))
-      encode = lambda x, k: _encode_state(x, state_dtype, scale_axis) if k else (x, x)
-      z_q, z_s = _low_precision.unzip(jax.tree.map(encode, z_new, keep), params, 2)
-      un_q, un_s = _low_precision.unzip(jax.tree.map(encode, u_new, keep), params, 2)
-      keep_scale = lambda new, old, k: new if k else old
-      z_s = jax.tree.map(keep_scale, z_s, state.z_scale, keep)
-      un_s = jax.tree.map(keep_scale, un_s, u_s, keep)
-      return (z_q, z_s, un_q, un_s, _as_f32(factor),
-              (rel_gap, primal, dual, _as_f32(flip_fraction)))
+
+      # Store with fresh scales; non-prunable leaves keep their placeholders.
+      out = [leaves(t) for t in (state.z, state.z_scale, u_q, u_s)]
+      for j, i in enumerate(kept):
+        out[0][i], out[1][i] = _encode_state(z[j], state_dtype, scale_axis)
+        out[2][i], out[3][i] = _encode_state(u_next[j], state_dtype, scale_axis)
+      return (*(treedef.unflatten(o) for o in out), _as_f32(factor), signals)
 
     def hold():
       m = state.metrics
