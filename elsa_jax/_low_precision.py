@@ -18,8 +18,8 @@
 
 * ``"float32"``: plain Adam (same numbers as :func:`optax.adam`);
 * ``"bfloat16"``: both moments stored as bfloat16;
-* ``"int8"``: block-wise absmax 8-bit moments (blocks of 256 along the last
-  axis, a float32 absmax per block). The first moment is signed int8. The
+* ``"int8"``: block-wise absmax 8-bit moments (blocks of 256 consecutive
+  entries of the row-major flattened array, a float32 absmax per block). The first moment is signed int8. The
   second moment is stored in the square-root domain (``sqrt(nu)`` as uint8),
   which halves its dynamic range in log scale, and a non-zero entry is never
   rounded to zero, so ``m / sqrt(nu)`` cannot blow up through quantisation.
@@ -136,7 +136,7 @@ def scale_by_adam_lowp(
     eps: added to the denominator outside the square root.
     eps_root: added to the second moment inside the square root.
     moment_dtype: ``"float32"``, ``"bfloat16"`` or ``"int8"`` (block-wise).
-    block_size: entries per block along the last axis for ``"int8"``.
+    block_size: entries per block of the flattened array for ``"int8"``.
 
   Returns:
     A :class:`optax.GradientTransformation`.
@@ -144,13 +144,13 @@ def scale_by_adam_lowp(
   moment_dtype = _check_moment_dtype(moment_dtype)
 
   def init_fn(params):
-    def zeros(p):
-      return jnp.zeros(p.shape, jnp.float32)
-
-    mu = jax.tree.map(lambda p: _encode_mu(zeros(p), moment_dtype, block_size)[0], params)
-    nu = jax.tree.map(lambda p: _encode_nu(zeros(p), moment_dtype, block_size)[0], params)
-    mu_scale = jax.tree.map(lambda p: _encode_mu(zeros(p), moment_dtype, block_size)[1], params)
-    nu_scale = jax.tree.map(lambda p: _encode_nu(zeros(p), moment_dtype, block_size)[1], params)
+    zeros = lambda p: jnp.zeros(p.shape, jnp.float32)
+    mu, mu_scale = unzip(
+        jax.tree.map(lambda p: _encode_mu(zeros(p), moment_dtype, block_size), params), params, 2
+    )
+    nu, nu_scale = unzip(
+        jax.tree.map(lambda p: _encode_nu(zeros(p), moment_dtype, block_size), params), params, 2
+    )
     return ScaleByAdamLowpState(
         count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, mu_scale=mu_scale, nu_scale=nu_scale
     )
@@ -207,7 +207,7 @@ def adam_lowp(
     eps: added to the denominator outside the square root.
     eps_root: added to the second moment inside the square root.
     moment_dtype: ``"float32"``, ``"bfloat16"`` or ``"int8"`` (block-wise).
-    block_size: entries per block along the last axis for ``"int8"``.
+    block_size: entries per block of the flattened array for ``"int8"``.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.

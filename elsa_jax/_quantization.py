@@ -119,13 +119,28 @@ def dequantize_scaled(q: jax.Array, scale: jax.Array) -> jax.Array:
   return q.astype(jnp.float32) * scale
 
 
+def _row_blocks(shape: tuple[int, ...], block_size: int) -> bool:
+  """Whether blocks can be cut along the last axis without flattening."""
+  return len(shape) >= 1 and shape[-1] % block_size == 0 and shape[-1] > 0
+
+
 def block_scale_shape(shape: tuple[int, ...], block_size: int = DEFAULT_BLOCK_SIZE):
-  """Shape of the absmax array of :func:`quantize_blockwise` for ``shape``."""
+  """Shape of the absmax array of :func:`quantize_blockwise` for ``shape``.
+
+  ``shape[:-1] + (shape[-1] // block_size,)`` when the last axis is a multiple
+  of ``block_size`` (so the leading axes keep their sharding), otherwise
+  ``(ceil(size / block_size),)``. Either way each block is ``block_size``
+  consecutive entries of the row-major flattened array.
+  """
+  if _row_blocks(shape, block_size):
+    return tuple(shape[:-1]) + (shape[-1] // block_size,)
   return (math.ceil(math.prod(shape) / block_size),)
 
 
 def _blocks(x: jax.Array, block_size: int) -> jax.Array:
-  """Flattens (row-major) and cuts into ``[nblocks, block_size]``, zero-padded."""
+  """``[..., nblocks, block_size]``: along the last axis, or of the zero-padded flattening."""
+  if _row_blocks(x.shape, block_size):
+    return x.reshape(x.shape[:-1] + (x.shape[-1] // block_size, block_size))
   flat = x.reshape(-1)
   nblocks = math.ceil(flat.shape[0] / block_size)
   pad = nblocks * block_size - flat.shape[0]
@@ -135,6 +150,8 @@ def _blocks(x: jax.Array, block_size: int) -> jax.Array:
 
 
 def _unblocks(b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  if b.size == math.prod(shape):  # no padding: blocks are row-major pieces
+    return b.reshape(shape)
   return b.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
@@ -158,9 +175,10 @@ def quantize_blockwise(
     [0.504, -1.0, 0.252]
 
   Args:
-    x: the array to store; any shape. Blocks run over the row-major
-      flattening, i.e. along the last axis (for a last axis that is a
-      multiple of ``block_size`` a block never spans two rows).
+    x: the array to store; any shape. Blocks are ``block_size`` consecutive
+      entries of the row-major flattening; when the last axis is a multiple
+      of ``block_size`` they are cut along it without flattening, so a
+      sharded array stays sharded (see :func:`block_scale_shape`).
     block_size: entries per block (the last block may be shorter).
     signed: int8 codes in ``[-127, 127]``; otherwise uint8 codes in
       ``[0, 255]`` for non-negative data (negative values clip to zero).
@@ -191,4 +209,4 @@ def dequantize_blockwise(
   """Inverse of :func:`quantize_blockwise` in float32 (dtype of ``q`` picks the range)."""
   levels = 127.0 if q.dtype == jnp.int8 else 255.0
   b = _blocks(q.astype(jnp.float32), block_size)
-  return _unblocks(b * (absmax[:, None] / levels), q.shape)
+  return _unblocks(b * (absmax[..., None] / levels), q.shape)

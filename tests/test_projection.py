@@ -104,3 +104,20 @@ def test_project_magnitude_and_objective_aware():
   chex.assert_trees_all_equal(
       elsa_jax.project(y, pattern="nm", n_m=(1, 2), v=v), jnp.array([[0.0], [-1.0], [0.0], [-2.0]])
   )
+
+
+def test_sharded_masks_communicate_only_counts():
+  """On a sharded matrix the bisection all-reduces counts; nothing is gathered."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py sets XLA_FLAGS before JAX starts)")
+  mesh = jax.make_mesh((8,), ("m",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "m"))
+  x = jax.device_put(jax.random.normal(jax.random.key(3), (16, 64)), sharding)
+  masks = jax.jit(lambda x: elsa_jax.sparsity_masks([jnp.abs(x), x * x], [0.9, 0.5]))
+  hlo = masks.lower(x).compile().as_text()
+  assert "all-reduce" in hlo
+  assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute"))
+  a, b = masks(x)
+  assert a.sharding.spec == sharding.spec
+  np.testing.assert_array_equal(a, _sort_reference(np.abs(np.asarray(x)), 16 * 64 - 922))
+  assert int(b.sum()) == 512
