@@ -695,7 +695,9 @@ def admm(
 
     # u is the scaled dual: when lmda changed, u *= lmda_old / lmda_new. Float8
     # storage rescales its float32 scale only; a ratio of 1 is exact otherwise.
-    ratio = state.lmda / lmda_now
+    # A zero lmda (e.g. the end of a decaying schedule) leaves u as it is.
+    valid = (lmda_now > 0) & (state.lmda > 0)
+    ratio = jnp.where(valid, state.lmda / jnp.where(valid, lmda_now, 1.0), 1.0)
 
     def rescale(q, scale, k):
       if not k or static_lmda:
