@@ -39,7 +39,7 @@ DEFAULT_TEXT = "default"
 #: one GPU. ``paper``: the authors' LLaMA-2-7B recipe (4096 x 8 x 2048, lr 2e-4,
 #: Adam's own second moment as the score).
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(steps=48, batch_size=4, seqlen=256, interval=8, lr=1e-3, eval_seqlen=512, eval_windows=16,
+    "cpu": dict(steps=16, batch_size=2, seqlen=256, interval=4, lr=1e-3, eval_seqlen=512, eval_windows=8,
                 compute_dtype="float32"),
     "full": dict(steps=1024, batch_size=8, seqlen=1024, interval=32, lr=1e-3, eval_seqlen=1024, eval_windows=0),
     "paper": dict(steps=4096, batch_size=8, seqlen=2048, interval=32, lr=2e-4, eval_seqlen=2048, eval_windows=0,
