@@ -236,7 +236,8 @@ def prune(
   summary[f"{method}_ppl"] = ppl(pruned)
   print(f"{method} {cfg.pattern} {sparsity:.0%} perplexity: {summary[f'{method}_ppl']:.3f}", flush=True)
   summary["sparsity"] = _admm.sparsity_report(jax.device_get(pruned))["overall"]
-  export(loaded, pruned, model_dir, overwrite=overwrite, extra={"summary": summary})
+  if jax.process_index() == 0:  # every process holds the whole pruned model; one writes it
+    export(loaded, pruned, model_dir, overwrite=overwrite, extra={"summary": summary})
   summary["wall_seconds"] = time.perf_counter() - t0
   if jax.process_index() == 0:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -321,9 +321,13 @@ def run(
   try:
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     for step in range(start, end):
-      batch = np.asarray(batches(step))
-      batch = batch.reshape(cfg.grad_accum, cfg.batch_size, batch.shape[-1])
-      batch = jax.make_array_from_process_local_data(data_shard, batch) if jax.process_count() > 1 else jax.device_put(batch, data_shard)
+      batch = np.asarray(batches(step))  # this process's rows of the global batch
+      batch = batch.reshape(cfg.grad_accum, -1, batch.shape[-1])
+      if jax.process_count() > 1:
+        global_shape = (cfg.grad_accum, cfg.batch_size, batch.shape[-1])
+        batch = jax.make_array_from_process_local_data(data_shard, batch, global_shape)
+      else:
+        batch = jax.device_put(batch, data_shard)
       params, opt_state, metrics = step_fn(params, opt_state, batch)
       if step == start:
         jax.block_until_ready(metrics)
@@ -354,6 +358,11 @@ def run(
       metrics_file.close()
     if checkpointer is not None:
       checkpointer.wait()
+  if jax.process_count() > 1:  # hand back host copies that every process holds whole
+    from jax.experimental import multihost_utils
+
+    params = multihost_utils.process_allgather(params, tiled=True)
+    opt_state = multihost_utils.process_allgather(opt_state, tiled=True)
   elapsed = time.perf_counter() - t_first if t_first else 0.0
   tps = steps_timed * cfg.tokens_per_step / elapsed if elapsed > 0 and steps_timed else 0.0
   return RunResult(params, opt_state, end, end - start, history, tps)
