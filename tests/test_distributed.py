@@ -52,4 +52,7 @@ def test_multi_process_run_resumes_and_matches_single_process(tiny_run, processe
   want, got = _exported(ref), _exported(out)
   assert want.keys() == got.keys()
   for k in want:
-    np.testing.assert_allclose(got[k], want[k], atol=1e-6, err_msg=k)
+    # Same sparsity pattern exactly; values to float32 reduction-order noise (gloo sums across processes
+    # in another order than one process's 8 devices do).
+    np.testing.assert_array_equal(got[k] == 0, want[k] == 0, err_msg=k)
+    np.testing.assert_allclose(got[k], want[k], atol=1e-5, err_msg=k)
