@@ -1,0 +1,28 @@
+"""The memory predictor: XLA's buffer assignment of the real step, before any weight exists."""
+
+import jax
+import pytest
+
+from elsa_jax import llama, memory, sharding, train
+
+CONFIG = llama.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_prediction_shrinks_with_the_mesh_and_refuses_what_does_not_fit():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 CPU devices")
+  cfg = train.ElsaConfig(batch_size=8, seqlen=64)
+  one = memory.predict_memory(CONFIG, cfg, sharding.make_mesh(1, 1))
+  eight = memory.predict_memory(CONFIG, cfg, sharding.make_mesh(4, 2))
+  n = one.n_params
+  # fp32 params (4 B) + Adam m, v (8 B) + z, u, score (12 B on prunable) lie in the arguments.
+  assert one.argument_bytes >= 12 * n
+  assert eight.argument_bytes < one.argument_bytes / 4
+  assert one.state_bytes_per_param > 8
+  lowp = memory.predict_memory(CONFIG, train.ElsaConfig(batch_size=8, seqlen=64, state_dtype="float8_e4m3fn",
+                                                        moment_dtype="int8"), sharding.make_mesh(1, 1))
+  assert lowp.state_bytes_per_param < one.state_bytes_per_param / 2
+  with pytest.raises(MemoryError, match="GiB"):
+    memory.check_fits(one, capacity_bytes=one.total_bytes // 2)
+  memory.check_fits(one, capacity_bytes=one.total_bytes * 2)
