@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from elsa_jax.llama._config import LlamaConfig
+from elsa_jax.llama._convert import _get, _set
 from elsa_jax.llama._model import Llama, merge, split
 
 _GGUF_TO_PATH = {
@@ -88,7 +89,6 @@ def from_gguf(path: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
   config = config_from_gguf(reader)
   abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, param_dtype=param_dtype, remat=remat))
   graphdef, shapes = split(abstract)
-  params: Any = {k: v for k, v in shapes.items()}
   params = _nested_copy(shapes)
   seen = set()
   for t in reader.tensors:
@@ -144,15 +144,3 @@ def _paths(tree, prefix=()):
       yield from _paths(v, prefix + (k,))
   else:
     yield prefix
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _set(tree, path, value):
-  for k in path[:-1]:
-    tree = tree[k]
-  tree[path[-1]] = value
