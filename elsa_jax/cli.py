@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--eval-text", default="default", help="evaluation text, same forms as --calib")
   p.add_argument("--text-field", default="text", help="field of JSONL/datasets records holding the text")
   p.add_argument("--output", default="runs/elsa", help="run directory (checkpoints, metrics, model/)")
-  p.add_argument("--method", default="elsa", help="elsa | magnitude | wanda | sparsegpt")
+  p.add_argument("--method", default="elsa", help="elsa | magnitude")
   p.add_argument("--preset", default="auto", help="auto | cpu | full | paper")
   p.add_argument("--mesh", type=_mesh, default=(-1, 1), help="DATAxMODEL device mesh, e.g. 4x2 (default -1x1)")
   p.add_argument("--eval-seqlen", type=int)

@@ -32,6 +32,8 @@ from elsa_jax import train
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
+#: Pruning methods of :func:`prune`.
+METHODS = ("elsa", "magnitude")
 DEFAULT_TEXT = "default"
 
 #: Presets. ``cpu``: the short run that fits ~10 minutes on a 2-core CPU.
@@ -169,8 +171,9 @@ def prune(
   check_output_dir(model_dir, overwrite)
   mesh = sharding_lib.make_mesh(*mesh_shape)
   sharding_lib.fits_mesh(cfg.batch_size, mesh)
-  if method not in ("elsa", "magnitude"):
-    from elsa_jax import baselines  # noqa: F401  (wanda / sparsegpt)
+  if method not in METHODS:
+    raise ValueError(f"unknown --method {method!r}; this version offers {', '.join(METHODS)} "
+                     f"(Wanda and SparseGPT are not in elsa_jax yet).")
 
   loaded = load_model(model)
   calib_docs = data_lib.load_documents(calib, split="calibration", text_field=text_field)
@@ -225,14 +228,9 @@ def prune(
     summary["train_tokens_per_second"] = result.tokens_per_second
     if result.history:
       summary["final_metrics"] = result.history[-1]
-  elif method == "magnitude":
+  else:  # magnitude
     pruned = _admm.finalize(loaded.params, sparsity=sparsity, pattern=kind,
                             **({"n_m": nm} if nm else {}), projection="magnitude")
-  else:
-    from elsa_jax import baselines
-
-    pruned = baselines.prune(method, loaded.graphdef, loaded.params, windows, sparsity=sparsity,
-                             pattern=cfg.pattern)
   summary[f"{method}_ppl"] = ppl(pruned)
   print(f"{method} {cfg.pattern} {sparsity:.0%} perplexity: {summary[f'{method}_ppl']:.3f}", flush=True)
   summary["sparsity"] = _admm.sparsity_report(jax.device_get(pruned))["overall"]

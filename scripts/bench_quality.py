@@ -27,7 +27,7 @@ import jax
 from elsa_jax import pipeline
 from elsa_jax import train
 
-ALL_METHODS = ("magnitude", "wanda", "sparsegpt", "safe", "elsa")
+ALL_METHODS = pipeline.METHODS
 ALL_PATTERNS = ("0.5", "0.6", "0.7", "0.8", "0.9", "2:4")
 
 
@@ -68,7 +68,7 @@ def main() -> None:
             eval_windows=eval_windows, compare_magnitude=False, evaluate_dense=dense is None,
             overwrite=True, checkpoint_every=0, progress=False,
         )
-      except ImportError as err:
+      except ValueError as err:
         print(f"skipping {method}: {err}", file=sys.stderr)
         continue
       if dense is None:

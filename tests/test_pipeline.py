@@ -134,6 +134,9 @@ def test_bad_inputs_fail_before_work(tiny_run, tmp_path):
   with pytest.raises(ValueError, match="devices"):
     pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=tmp_path / "o",
                    cfg=_cfg(), mesh_shape=(3, 1), progress=False)
+  with pytest.raises(ValueError, match="--method"):
+    pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=tmp_path / "o",
+                   cfg=_cfg(), method="no-such-method", mesh_shape=(1, 1), progress=False)
   short = tmp_path / "short.txt"
   short.write_text("too short")
   with pytest.raises(ValueError, match="token"):
