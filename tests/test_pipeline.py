@@ -225,4 +225,7 @@ def test_same_trajectory_on_one_and_eight_devices(tiny_run):
   one, eight = runs[(1, 1)], runs[(4, 2)]
   losses = lambda r: np.array([h["loss"] for h in r.history])
   np.testing.assert_allclose(losses(eight), losses(one), rtol=1e-5)
-  chex.assert_trees_all_close(jax.device_get(eight.params), jax.device_get(one.params), atol=1e-5)
+  # Adam divides by sqrt(v): a weight whose gradient is ~0 turns float32 reduction-order noise into
+  # updates of up to ~1e-5 per step, so the bound is 1e-4 after 4 steps of lr 1e-3 (a lost or doubled
+  # gradient shard moves weights by ~lr = 1e-3).
+  chex.assert_trees_all_close(jax.device_get(eight.params), jax.device_get(one.params), atol=1e-4)
