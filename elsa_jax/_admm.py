@@ -490,6 +490,7 @@ def admm(
     projection: str = "objective_aware",
     score_source: str = "grad_ema",
     score_decay: float = 0.95,
+    fixed_score: Any = None,
     pattern: str = "unstructured",
     n_m: tuple[int, int] = (2, 4),
     axis: int | None = None,
@@ -544,10 +545,15 @@ def admm(
       ``"magnitude"`` (keep the top ``|y|``).
     score_source: where ``v`` comes from: ``"grad_ema"``, an EMA of the
       squared incoming gradient taken *before* the penalty is added (so the
-      penalty cannot revive pruned entries); or ``"base_second_moment"``, the
+      penalty cannot revive pruned entries); ``"base_second_moment"``, the
       ``nu`` of an Adam-family base optimizer (includes the penalty; the
-      paper's choice).
+      paper's choice); or ``"fixed"``, the constant ``fixed_score`` (SAFE+'s
+      generalized projection: ``||X_j||**2`` of the input activations ranks
+      entries by Wanda's ``|w| * ||X_j||``).
     score_decay: decay of the ``"grad_ema"`` EMA.
+    fixed_score: for ``score_source="fixed"``: a (prefix) pytree of
+      non-negative arrays broadcastable to each prunable leaf (e.g. ``[in, 1]``
+      for a kernel); a constant of the transform, never part of its state.
     pattern: ``"unstructured"`` (one count per matrix), ``"row"`` (one count
       per output unit) or ``"nm"``.
     n_m: ``(n, m)`` for ``pattern="nm"``: keep ``n`` of every ``m``
@@ -587,8 +593,11 @@ def admm(
       that is not a matrix or whose axis ``m`` does not divide.
   """
   _check_choice("projection", projection, ("objective_aware", "magnitude"))
-  _check_choice("score_source", score_source, ("grad_ema", "base_second_moment"))
+  _check_choice("score_source", score_source, ("grad_ema", "base_second_moment", "fixed"))
   _check_choice("pattern", pattern, ("unstructured", "row", "nm"))
+  if score_source == "fixed" and projection == "objective_aware" and fixed_score is None:
+    raise ValueError("score_source='fixed' needs fixed_score=, a pytree of importances per prunable leaf "
+                     "(e.g. squared input-activation norms [in, 1] per kernel).")
   _check_choice("lmda_schedule", lmda_schedule, ("constant", "residual_balancing"))
   _check_choice("state_scale", state_scale, ("tensor", "row"))
   axis = _static_int("axis", 0 if axis is None else axis)
@@ -613,6 +622,8 @@ def admm(
   objective_aware = projection == "objective_aware"
   use_ema = objective_aware and score_source == "grad_ema"
   use_base_nu = objective_aware and score_source == "base_second_moment"
+  use_fixed = objective_aware and score_source == "fixed"
+  fixed_at = _PathLookup(fixed_score) if use_fixed else None
   scale_axis = None if state_scale == "tensor" else axis
   static_lmda = isinstance(lmda, (int, float)) and lmda_schedule == "constant"
   base = optax.with_extra_args_support(base)
@@ -743,6 +754,8 @@ def admm(
         if not found:
           raise _no_second_moment_error(base_state)
         v = leaves(nu)
+      elif use_fixed:
+        v = [_fixed_leaf(fixed_at, path, w) for path, w in flat]
       else:
         v = [None] * len(flat)
       kept = [i for i, k in enumerate(leaves(keep)) if k]
@@ -816,6 +829,21 @@ def admm(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _fixed_leaf(lookup: _PathLookup, path: tuple, leaf: Any) -> Any:
+  """The fixed score of a prunable leaf, checked to broadcast to it (None elsewhere)."""
+  value = lookup(path)
+  if value is _MISSING or value is None:
+    return None
+  try:
+    np.broadcast_shapes(np.shape(value), leaf.shape)
+  except ValueError:
+    raise ValueError(
+        f"fixed_score for {path_str(path)!r} has shape {np.shape(value)}, which does not broadcast to "
+        f"the leaf's {leaf.shape}; give [in, 1] per-input importances for a [in, out] kernel."
+    ) from None
+  return jnp.asarray(value, jnp.float32)
 
 
 def _no_second_moment_error(base_state) -> ValueError:
@@ -914,6 +942,7 @@ def finalize(
     axis: int = 0,
     projection: str = "objective_aware",
     prunable=None,
+    score: Any = None,
 ) -> Any:
   """The final hard projection of the weights themselves (not ``w + u``).
 
@@ -944,6 +973,9 @@ def finalize(
       Flax ``[in, out]`` kernel).
     projection: ``"objective_aware"`` or ``"magnitude"``.
     prunable: which leaves are pruned (see :func:`prunable_mask`).
+    score: for ``"objective_aware"``: a (prefix) pytree of ``v`` broadcastable
+      to each prunable leaf, used instead of the state's (the ``fixed_score``
+      of a ``score_source="fixed"`` run).
 
   Returns:
     The params with every prunable matrix projected onto the sparse set.
@@ -958,6 +990,10 @@ def finalize(
   keep = prunable_mask(params, prunable)
   if projection == "magnitude":
     v = None
+  elif score is not None:
+    lookup = _PathLookup(score)
+    v = jax.tree_util.tree_map_with_path(
+        lambda path, w, k: _fixed_leaf(lookup, path, w) if k else None, params, keep)
   else:
     if opt_state is None:
       raise ValueError(

@@ -35,7 +35,8 @@ def _add_elsa_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--lmda-schedule", help="constant | residual_balancing")
   g.add_argument("--interval", type=int, help="optimizer steps between z/u updates (paper: 32)")
   g.add_argument("--projection", help="objective_aware (v*y^2) | magnitude (|y|)")
-  g.add_argument("--score-source", help="grad_ema (default) | base_second_moment (the paper's)")
+  g.add_argument("--score-source", help="grad_ema (default) | base_second_moment (the paper's) | activations")
+  g.add_argument("--sam-rho", type=float, help="SAM radius of SAFE's x-update (safe/safe+ default 0.05; 0: off)")
   g.add_argument("--steps", type=int)
   g.add_argument("--batch-size", type=int, help="sequences per micro-batch (global)")
   g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
@@ -69,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--eval-text", default="default", help="evaluation text, same forms as --calib")
   p.add_argument("--text-field", default="text", help="field of JSONL/datasets records holding the text")
   p.add_argument("--output", default="runs/elsa", help="run directory (checkpoints, metrics, model/)")
-  p.add_argument("--method", default="elsa", help="elsa | magnitude")
+  p.add_argument("--method", default="elsa",
+                 help="elsa | safe | safe+ (trained, ADMM) | magnitude | wanda | sparsegpt (one-shot)")
+  p.add_argument("--init-method", default="dense",
+                 help="starting point of elsa/safe/safe+: dense | magnitude | wanda | sparsegpt")
+  p.add_argument("--calib-windows", type=int, help="calibration windows of wanda/sparsegpt/safe+ (default 128)")
+  p.add_argument("--calib-seqlen", type=int, help="tokens per such window (default: --seqlen)")
+  p.add_argument("--damp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
   p.add_argument("--preset", default="auto", help="auto | cpu | full | paper")
   p.add_argument("--mesh", type=_mesh, default=(-1, 1), help="DATAxMODEL device mesh, e.g. 4x2 (default -1x1)")
   p.add_argument("--eval-seqlen", type=int)
@@ -81,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true", help="replace an existing exported model")
   p.add_argument("--distributed", action="store_true",
                  help="join a multi-process run (jax.distributed; see elsa_jax.distributed)")
-  p.add_argument("--remat", action="store_true", help="rematerialise each block's activations")
+  p.add_argument("--remat", action="store_true",
+                 help="rematerialise each decoder layer in the backward pass (less memory, ~1/3 more compute)")
   _add_elsa_args(p)
 
   e = sub.add_parser("eval", help="perplexity and sparsity of a model")
@@ -123,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
           eval_windows=preset.get("eval_windows", 0) if args.eval_windows is None else args.eval_windows,
           checkpoint_every=args.checkpoint_every, keep=args.keep, overwrite=args.overwrite,
           compare_magnitude=not args.no_compare_magnitude, evaluate_dense=not args.no_dense_eval,
-          text_field=args.text_field,
+          text_field=args.text_field, init_method=args.init_method,
+          oneshot_windows=args.calib_windows or preset.get("oneshot_windows", 128),
+          oneshot_seqlen=args.calib_seqlen or preset.get("oneshot_seqlen"), damp=args.damp, remat=args.remat,
       )
       keys = [k for k in summary if k.endswith("_ppl")]
       print(json.dumps({k: round(summary[k], 3) for k in keys}))

@@ -22,6 +22,7 @@ import numpy as np
 
 from elsa_jax import _admm
 from elsa_jax import assets
+from elsa_jax import baselines
 from elsa_jax import checkpoint as checkpoint_lib
 from elsa_jax import data as data_lib
 from elsa_jax import evaluate as evaluate_lib
@@ -32,8 +33,14 @@ from elsa_jax import train
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
-#: Pruning methods of :func:`prune`.
-METHODS = ("elsa", "magnitude")
+#: Pruning methods of :func:`prune`: the ADMM family (trained on the model's
+#: loss) and the one-shot baselines (:mod:`elsa_jax.baselines`).
+ADMM_METHODS = ("elsa", "safe", "safe+")
+METHODS = ADMM_METHODS + baselines.ONESHOT_METHODS
+#: Starting points of an ADMM method: the dense model or a one-shot baseline.
+INIT_METHODS = ("dense",) + baselines.ONESHOT_METHODS
+#: SAFE's SAM radius when ``--sam-rho`` is not given.
+SAFE_RHO = 0.05
 DEFAULT_TEXT = "default"
 
 #: Presets. ``cpu``: the short run that fits ~10 minutes on a 2-core CPU.
@@ -42,11 +49,29 @@ DEFAULT_TEXT = "default"
 #: Adam's own second moment as the score).
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(steps=16, batch_size=2, seqlen=256, interval=4, lr=1e-3, eval_seqlen=512, eval_windows=8,
+                oneshot_windows=32,
                 compute_dtype="float32"),
     "full": dict(steps=1024, batch_size=8, seqlen=1024, interval=32, lr=1e-3, eval_seqlen=1024, eval_windows=0),
     "paper": dict(steps=4096, batch_size=8, seqlen=2048, interval=32, lr=2e-4, eval_seqlen=2048, eval_windows=0,
                   score_source="base_second_moment"),
 }
+
+
+def method_config(cfg: train.ElsaConfig, method: str) -> train.ElsaConfig:
+  """The run config of an ADMM method: ELSA as given; SAFE = magnitude projection +
+  sharpness-aware x-update; SAFE+ = SAFE with the activation-weighted projection."""
+  if method == "safe":
+    return dataclasses.replace(cfg, projection="magnitude", sam_rho=cfg.sam_rho or SAFE_RHO)
+  if method == "safe+":
+    return dataclasses.replace(cfg, projection="objective_aware", score_source="activations",
+                               sam_rho=cfg.sam_rho or SAFE_RHO)
+  return cfg
+
+
+def calibration_ids(tokens, *, windows: int, seqlen: int, seed: int) -> np.ndarray:
+  """``[windows, seqlen]`` token ids for one-shot pruning, the same on every process."""
+  sampler = data_lib.CalibrationWindows(tokens, seqlen=seqlen - 1, batch_size=windows, seed=seed + 7919)
+  return sampler.batch(0)
 
 
 def resolve_preset(name: str) -> dict[str, Any]:
@@ -67,8 +92,11 @@ class LoadedModel:
   source: str
 
 
-def load_model(spec: str, *, param_dtype=jnp.float32) -> LoadedModel:
-  """Loads 'default', a ``.gguf`` file, an HF directory or a hub id, with its tokenizer."""
+def load_model(spec: str, *, param_dtype=jnp.float32, remat: bool = False) -> LoadedModel:
+  """Loads 'default', a ``.gguf`` file, an HF directory or a hub id, with its tokenizer.
+
+  ``remat`` rematerialises each decoder layer in the backward pass.
+  """
   from transformers import AutoTokenizer
 
   if spec == DEFAULT_MODEL:
@@ -83,6 +111,7 @@ def load_model(spec: str, *, param_dtype=jnp.float32) -> LoadedModel:
   else:
     model, config = llama.from_pretrained(spec, param_dtype=param_dtype)
     tokenizer = AutoTokenizer.from_pretrained(spec)
+  model.remat = remat
   graphdef, params = llama.split(model)
   return LoadedModel(graphdef, params, config, tokenizer, spec)
 
@@ -158,8 +187,18 @@ def prune(
     text_field: str = "text",
     stop_after: int | None = None,
     progress: bool = True,
+    init_method: str = "dense",
+    oneshot_windows: int = 128,
+    oneshot_seqlen: int | None = None,
+    damp: float = 0.01,
+    remat: bool = False,
 ) -> dict[str, Any]:
   """Prunes ``model`` to ``cfg.sparsity`` and writes the pruned HF model to ``output/model``.
+
+  ``method`` is one of :data:`METHODS`. ELSA, SAFE and SAFE+ train from the
+  dense model or from a one-shot result (``init_method``); Wanda and
+  SparseGPT (and SAFE+'s activation norms) read ``oneshot_windows`` windows
+  of ``oneshot_seqlen`` tokens (default ``cfg.seqlen``) of the calibration text.
 
   The run directory ``output`` holds ``checkpoints/`` (resumed automatically
   when the same command runs again), ``metrics.jsonl``, ``summary.json`` and
@@ -172,10 +211,15 @@ def prune(
   mesh = sharding_lib.make_mesh(*mesh_shape)
   sharding_lib.fits_mesh(cfg.batch_size, mesh)
   if method not in METHODS:
-    raise ValueError(f"unknown --method {method!r}; this version offers {', '.join(METHODS)} "
-                     f"(Wanda and SparseGPT are not in elsa_jax yet).")
+    raise ValueError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}.")
+  if init_method not in INIT_METHODS:
+    raise ValueError(f"unknown --init-method {init_method!r}; choose one of {', '.join(INIT_METHODS)}.")
+  if oneshot_windows < 1:
+    raise ValueError(f"--calib-windows must be positive, got {oneshot_windows}.")
+  cfg = method_config(cfg, method) if method in ADMM_METHODS else cfg
+  oneshot_seqlen = oneshot_seqlen or cfg.seqlen
 
-  loaded = load_model(model)
+  loaded = load_model(model, remat=remat)
   calib_docs = data_lib.load_documents(calib, split="calibration", text_field=text_field)
   calib_tokens = data_lib.tokenize_documents(loaded.tokenizer, calib_docs)
   windows = data_lib.CalibrationWindows(
@@ -190,15 +234,26 @@ def prune(
         f"give more text or a smaller --eval-seqlen."
     )
 
+  oneshot_ids = None
+  if (method in ("wanda", "sparsegpt") or init_method in ("wanda", "sparsegpt")
+      or cfg.score_source == "activations"):
+    oneshot_ids = calibration_ids(calib_tokens, windows=oneshot_windows, seqlen=oneshot_seqlen, seed=cfg.seed)
+
   checkpointer = None
-  if method == "elsa":
-    run_config = {"model": model, "calib": calib, "method": method, **dataclasses.asdict(cfg)}
+  if method in ADMM_METHODS:
+    run_config = {"model": model, "calib": calib, "method": method, "init_method": init_method,
+                  "oneshot_windows": oneshot_windows, "oneshot_seqlen": oneshot_seqlen, "damp": damp,
+                  **dataclasses.asdict(cfg)}
     checkpointer = checkpoint_lib.RunCheckpointer(
         out / "checkpoints", config=run_config, save_every=checkpoint_every, keep=keep,
     )
 
   summary: dict[str, Any] = {"model": model, "method": method, "config": dataclasses.asdict(cfg),
                              "eval_seqlen": eval_seqlen}
+  if method in ADMM_METHODS:
+    summary["init_method"] = init_method
+  if oneshot_ids is not None:
+    summary["oneshot_calibration"] = {"windows": oneshot_windows, "seqlen": oneshot_seqlen, "damp": damp}
   ppl = lambda p: perplexity_of(loaded, p, eval_ids, seqlen=eval_seqlen, max_windows=eval_windows)
   if evaluate_dense:
     summary["dense_ppl"] = ppl(loaded.params)
@@ -212,25 +267,43 @@ def prune(
     print(f"magnitude {cfg.pattern} {sparsity:.0%} perplexity: {summary['magnitude_ppl']:.3f}", flush=True)
     del mag
 
-  if method == "elsa":
+  def oneshot(name):
+    t = time.perf_counter()
+    pruned = baselines.prune_oneshot(loaded.graphdef, loaded.params, oneshot_ids, method=name,
+                                     sparsity=sparsity, n_m=nm, damp=damp)
+    summary[f"{name}_seconds"] = time.perf_counter() - t
+    return pruned
+
+  if method in ADMM_METHODS:
+    fixed_score = None
+    if cfg.score_source == "activations":
+      fixed_score = train.activation_scores(
+          baselines.calibration_statistics(loaded.graphdef, loaded.params, oneshot_ids))
+    start_params = loaded.params
+    if init_method != "dense":
+      start_params = oneshot(init_method)
+      if init_method != "magnitude" or not compare_magnitude:
+        summary[f"{init_method}_ppl"] = ppl(start_params)
+        print(f"{init_method} (the starting point) {cfg.pattern} {sparsity:.0%} perplexity: "
+              f"{summary[f'{init_method}_ppl']:.3f}", flush=True)
     result = train.run(
-        loaded.graphdef, loaded.params, cfg, windows.batch, mesh=mesh,
+        loaded.graphdef, start_params, cfg, windows.batch, mesh=mesh,
         logical_axes=llama.logical_axes_of(loaded.graphdef, loaded.params),
         checkpointer=checkpointer, metrics_path=out / "metrics.jsonl", progress=progress,
-        stop_after=stop_after,
+        stop_after=stop_after, fixed_score=fixed_score,
     )
+    del start_params
     checkpointer.close()
     if result.final_step < cfg.steps:  # interrupted on purpose (stop_after)
       summary["stopped_at"] = result.final_step
       return summary
     pruned = _admm.finalize(result.params, result.opt_state, sparsity=sparsity, pattern=kind,
-                            **({"n_m": nm} if nm else {}), projection=cfg.projection)
+                            **({"n_m": nm} if nm else {}), projection=cfg.projection, score=fixed_score)
     summary["train_tokens_per_second"] = result.tokens_per_second
     if result.history:
       summary["final_metrics"] = result.history[-1]
-  else:  # magnitude
-    pruned = _admm.finalize(loaded.params, sparsity=sparsity, pattern=kind,
-                            **({"n_m": nm} if nm else {}), projection="magnitude")
+  else:
+    pruned = oneshot(method)
   summary[f"{method}_ppl"] = ppl(pruned)
   print(f"{method} {cfg.pattern} {sparsity:.0%} perplexity: {summary[f'{method}_ppl']:.3f}", flush=True)
   summary["sparsity"] = _admm.sparsity_report(jax.device_get(pruned))["overall"]
@@ -275,12 +348,19 @@ def export_run(run_dir: str | pathlib.Path, output: str | pathlib.Path | None = 
                             if k in {f.name for f in dataclasses.fields(train.ElsaConfig)}})
   loaded = load_model(run_config["model"])
   checkpointer = checkpoint_lib.RunCheckpointer(run_dir / "checkpoints", config=run_config, save_every=0)
-  tx = train.make_optimizer(cfg)
+  fixed_score = None
+  if cfg.score_source == "activations":  # SAFE+: recompute the (deterministic) activation norms
+    docs = data_lib.load_documents(run_config["calib"], split="calibration")
+    ids = calibration_ids(data_lib.tokenize_documents(loaded.tokenizer, docs),
+                          windows=run_config["oneshot_windows"], seqlen=run_config["oneshot_seqlen"],
+                          seed=cfg.seed)
+    fixed_score = train.activation_scores(baselines.calibration_statistics(loaded.graphdef, loaded.params, ids))
+  tx = train.make_optimizer(cfg, fixed_score)
   step, params, opt_state = checkpointer.restore_or(loaded.params, jax.eval_shape(tx.init, loaded.params))
   checkpointer.close()
   if step == 0:
     raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no finished checkpoint yet.")
   kind, nm = train.parse_pattern(cfg.pattern)
   pruned = _admm.finalize(params, opt_state, sparsity=train.pattern_sparsity(cfg), pattern=kind,
-                          **({"n_m": nm} if nm else {}), projection=cfg.projection)
+                          **({"n_m": nm} if nm else {}), projection=cfg.projection, score=fixed_score)
   return export(loaded, pruned, out, overwrite=overwrite, extra={"checkpoint_step": step})

@@ -31,6 +31,7 @@ import optax
 
 from elsa_jax import _admm
 from elsa_jax import _low_precision
+from elsa_jax import _sam
 from elsa_jax import checkpoint as checkpoint_lib
 from elsa_jax import sharding as sharding_lib
 from elsa_jax import llama
@@ -48,7 +49,8 @@ class ElsaConfig:
   lmda_schedule: str = "constant"  # constant | residual_balancing
   interval: int = 32
   projection: str = "objective_aware"  # objective_aware | magnitude
-  score_source: str = "grad_ema"  # grad_ema | base_second_moment
+  score_source: str = "grad_ema"  # grad_ema | base_second_moment | activations (SAFE+)
+  sam_rho: float = 0.0  # > 0: SAFE's sharpness-aware x-update (gradient at w + rho g/||g||)
   steps: int = 1024
   batch_size: int = 8
   grad_accum: int = 1
@@ -71,6 +73,11 @@ class ElsaConfig:
         raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
     if self.lr <= 0:
       raise ValueError(f"lr must be positive, got {self.lr}.")
+    if self.sam_rho < 0:
+      raise ValueError(f"sam_rho must be >= 0 (0 turns SAM off), got {self.sam_rho}.")
+    if self.score_source not in ("grad_ema", "base_second_moment", "activations"):
+      raise ValueError(f"unknown score source {self.score_source!r}; use grad_ema, base_second_moment "
+                       f"or activations.")
     parse_pattern(self.pattern)
 
   @property
@@ -102,8 +109,12 @@ def pattern_sparsity(cfg: ElsaConfig) -> float:
   return cfg.sparsity
 
 
-def make_optimizer(cfg: ElsaConfig) -> optax.GradientTransformationExtraArgs:
-  """Clip -> ELSA(ADMM around Adam with linear decay), as the paper does."""
+def make_optimizer(cfg: ElsaConfig, fixed_score: Any = None) -> optax.GradientTransformationExtraArgs:
+  """Clip -> ELSA(ADMM around Adam with linear decay), as the paper does.
+
+  ``fixed_score`` (squared input-activation norms per kernel, see
+  :func:`activation_scores`) is required by ``score_source="activations"``.
+  """
   schedule = optax.linear_schedule(cfg.lr, 0.0, cfg.steps)
   if cfg.moment_dtype == "float32":
     base = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
@@ -117,12 +128,17 @@ def make_optimizer(cfg: ElsaConfig) -> optax.GradientTransformationExtraArgs:
       lmda=cfg.lmda,
       interval=cfg.interval,
       projection=cfg.projection,
-      score_source=cfg.score_source,
+      score_source="fixed" if cfg.score_source == "activations" else cfg.score_source,
       pattern=kind,
       state_dtype=cfg.state_dtype,
   )
   if nm is not None:
     kwargs["n_m"] = nm
+  if cfg.score_source == "activations":
+    if fixed_score is None and cfg.projection == "objective_aware":
+      raise ValueError("score_source='activations' needs the activation scores of the calibration data "
+                       "(train.activation_scores); elsa_jax.pipeline computes them.")
+    kwargs["fixed_score"] = fixed_score
   if cfg.lmda_schedule == "residual_balancing":
     kwargs["lmda_schedule"] = "residual_balancing"
   elif cfg.lmda_schedule != "constant":
@@ -157,14 +173,18 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     compute_dtype: jnp.dtype = jnp.bfloat16,
+    sam_rho: float = 0.0,
 ) -> Callable[[Any, Any, jax.Array], tuple[Any, Any, dict[str, jax.Array]]]:
   """Returns ``step(params, opt_state, batch[accum, B, T+1]) -> (params, opt_state, metrics)``.
 
   Gradients are averaged over the ``accum`` micro-batches with a ``lax.scan``
-  so that memory stays that of one micro-batch.
+  so that memory stays that of one micro-batch. ``sam_rho > 0`` takes each
+  micro-batch's gradient sharpness-aware (:func:`elsa_jax.sam_gradient`; SAFE).
   """
   loss_fn = make_loss_fn(graphdef, compute_dtype)
   grad_fn = jax.value_and_grad(loss_fn)
+  if sam_rho > 0:
+    grad_fn = _sam.sam_gradient(grad_fn, sam_rho)
 
   def step(params, opt_state, batch):
     def micro(carry, tokens):
@@ -184,6 +204,25 @@ def make_train_step(
     return params, opt_state, metrics
 
   return step
+
+
+def activation_scores(stats: list[dict[str, jax.Array]]) -> dict:
+  """SAFE+'s projection weights from :func:`elsa_jax.baselines.calibration_statistics`.
+
+  ``||X_j||**2`` of each kernel's input as ``[in, 1]``, in a (prefix) pytree
+  of the LLaMA params: the objective-aware score ``v * w**2`` then ranks by
+  Wanda's ``|w| * ||X_j||``.
+  """
+  from elsa_jax import baselines
+
+  layers = {}
+  for i, layer_stats in enumerate(stats):
+    entry: dict = {}
+    for (block, name), key in baselines.LINEAR_INPUTS.items():
+      diag = jnp.diagonal(layer_stats[key]).astype(jnp.float32)
+      entry.setdefault(block, {})[name] = {"kernel": diag[:, None]}
+    layers[i] = entry
+  return {"layers": layers}
 
 
 def z_sparsity(opt_state: Any) -> jax.Array:
@@ -222,6 +261,7 @@ def run(
     log_every: int = 1,
     progress: bool = True,
     stop_after: int | None = None,
+    fixed_score: Any = None,
 ) -> RunResult:
   """Runs (or resumes) ELSA for ``cfg.steps`` optimizer steps.
 
@@ -241,6 +281,7 @@ def run(
     progress: show a progress bar (process 0 only).
     stop_after: stop (after saving) once this many steps have run in this call;
       used to test interruption.
+    fixed_score: the activation scores of ``score_source="activations"`` (SAFE+).
 
   Returns:
     A :class:`RunResult` with the final params and optimizer state.
@@ -250,7 +291,7 @@ def run(
   """
   rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
   sharding_lib.fits_mesh(cfg.batch_size, mesh)
-  tx = make_optimizer(cfg)
+  tx = make_optimizer(cfg, fixed_score)
   p_shard = sharding_lib.param_shardings(logical_axes, params, mesh, rules)
   params = jax.device_put(params, p_shard)
   s_shard = sharding_lib.opt_state_shardings(tx, params, p_shard, mesh)
@@ -265,7 +306,7 @@ def run(
   compute_dtype = jnp.dtype(cfg.compute_dtype)
   data_shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.DATA))
   step_fn = jax.jit(
-      make_train_step(graphdef, tx, compute_dtype=compute_dtype),
+      make_train_step(graphdef, tx, compute_dtype=compute_dtype, sam_rho=cfg.sam_rho),
       in_shardings=(p_shard, s_shard, data_shard),
       out_shardings=(p_shard, s_shard, sharding_lib.replicated(mesh)),
       donate_argnums=(0, 1),

@@ -129,7 +129,8 @@ class LlamaAttention(nnx.Module):
     self.o_proj = _linear(c.num_attention_heads * c.head_dim, c.hidden_size, ("q_heads", "embed"), **kw)
     self.config = config
 
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def attend(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Attention output before ``o_proj``, ``[B, T, heads * head_dim]`` (its input)."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -137,8 +138,10 @@ class LlamaAttention(nnx.Module):
     inv_freq = rope_inv_freq(self.config)  # a trace-time constant
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    out = causal_attention(q, k, v)
-    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+    return causal_attention(q, k, v).reshape(b, t, self.num_heads * self.head_dim)
+
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    return self.o_proj(self.attend(x, positions))
 
 
 class LlamaMLP(nnx.Module):
@@ -150,8 +153,12 @@ class LlamaMLP(nnx.Module):
     self.up_proj = _linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
     self.down_proj = _linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw)
 
+  def hidden(self, x: jax.Array) -> jax.Array:
+    """The gated activation that ``down_proj`` reads."""
+    return jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    return self.down_proj(self.hidden(x))
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -163,8 +170,22 @@ class LlamaDecoderLayer(nnx.Module):
     self.mlp = LlamaMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    x = x + self.self_attn(self.input_layernorm(x), positions)
-    return x + self.mlp(self.post_attention_layernorm(x))
+    return self.with_linear_inputs(x, positions)[0]
+
+  def with_linear_inputs(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The layer's output and the input of each of its linear maps.
+
+    The inputs are keyed ``attn_in`` (read by q/k/v), ``attn_out`` (o_proj),
+    ``mlp_in`` (gate/up) and ``mlp_hidden`` (down_proj); layer-wise pruning
+    (Wanda, SparseGPT) takes its statistics from them.
+    """
+    h_attn = self.input_layernorm(x)
+    a = self.self_attn.attend(h_attn, positions)
+    x = x + self.self_attn.o_proj(a)
+    h_mlp = self.post_attention_layernorm(x)
+    m = self.mlp.hidden(h_mlp)
+    x = x + self.mlp.down_proj(m)
+    return x, {"attn_in": h_attn, "attn_out": a, "mlp_in": h_mlp, "mlp_hidden": m}
 
 
 class Llama(nnx.Module):
@@ -205,12 +226,16 @@ class Llama(nnx.Module):
         config.hidden_size, config.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
 
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """Token embeddings ``[B, T, hidden]`` in the compute dtype."""
+    table = self.embed_tokens.embedding[...]
+    return jnp.take(table, input_ids, axis=0).astype(self.dtype or table.dtype)
+
   def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
     """The final normalised hidden states ``[B, T, hidden]``."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-    table = self.embed_tokens.embedding[...]
-    x = jnp.take(table, input_ids, axis=0).astype(self.dtype or table.dtype)
+    x = self.embed(input_ids)
     for layer in self.layers:
       if self.remat:
         x = nnx.remat(lambda mdl, h, p: mdl(h, p))(layer, x, positions)
