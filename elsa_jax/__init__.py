@@ -35,3 +35,9 @@ from elsa_jax._quantization import dequantize_blockwise
 from elsa_jax._quantization import dequantize_scaled
 from elsa_jax._quantization import quantize_blockwise
 from elsa_jax._quantization import quantize_scaled
+from elsa_jax._oneshot import activation_norms
+from elsa_jax._oneshot import reconstruction_error
+from elsa_jax._oneshot import sparsegpt_prune
+from elsa_jax._oneshot import wanda_prune
+from elsa_jax._oneshot import wanda_score
+from elsa_jax._sam import sam_gradient

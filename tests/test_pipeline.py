@@ -229,3 +229,69 @@ def test_same_trajectory_on_one_and_eight_devices(tiny_run):
   # updates of up to ~1e-5 per step, so the bound is 1e-4 after 4 steps of lr 1e-3 (a lost or doubled
   # gradient shard moves weights by ~lr = 1e-3).
   chex.assert_trees_all_close(jax.device_get(eight.params), jax.device_get(one.params), atol=1e-4)
+
+
+def _hf_kernels(path):
+  from safetensors.numpy import load_file
+
+  tensors = {}
+  for f in sorted(pathlib.Path(path).glob("*.safetensors")):
+    tensors.update(load_file(f))
+  return {k: v for k, v in tensors.items() if _prunable(k)}
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4")])
+def test_oneshot_methods_from_the_cli_entry_point(tiny_run, method, pattern):
+  root, model_dir, calib, evalt = tiny_run
+  out = root / f"oneshot-{method}"
+  summary = pipeline.prune(
+      model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(pattern=pattern),
+      method=method, eval_seqlen=32, oneshot_windows=16, progress=False, mesh_shape=(1, 1),
+  )
+  assert np.isfinite(summary[f"{method}_ppl"]) and summary["oneshot_calibration"]["windows"] == 16
+  assert not (out / "checkpoints").exists()  # nothing to resume in a one-shot run
+  kernels = _hf_kernels(out / "model")
+  assert len(kernels) == 14
+  for name, w in kernels.items():  # HF [out, in]
+    if pattern == "2:4":
+      np.testing.assert_array_equal((w.reshape(w.shape[0], -1, 4) == 0).sum(-1), 2, err_msg=name)
+    else:  # Wanda: half of every output row
+      np.testing.assert_array_equal((w == 0).sum(1), w.shape[1] // 2, err_msg=name)
+
+
+def test_safe_plus_from_wanda_trains_and_export_run_reproduces_it(tiny_run):
+  root, model_dir, calib, evalt = tiny_run
+  out = root / "safe-plus"
+  summary = pipeline.prune(
+      model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(sparsity=0.6),
+      method="safe+", init_method="wanda", eval_seqlen=32, oneshot_windows=8, progress=False,
+      mesh_shape=(1, 1), compare_magnitude=False, evaluate_dense=False,
+  )
+  assert summary["config"]["sam_rho"] == pipeline.SAFE_RHO
+  assert summary["config"]["score_source"] == "activations"
+  assert np.isfinite(summary["wanda_ppl"]) and np.isfinite(summary["safe+_ppl"])
+  first = _hf_kernels(out / "model")
+  for name, w in first.items():
+    assert np.count_nonzero(w == 0) == round(0.6 * w.size), name
+  again = pipeline.export_run(out, root / "safe-plus-again")  # recomputes the activation scores
+  second = _hf_kernels(again)
+  for name in first:
+    np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+def test_sam_changes_the_step():
+  """SAFE's x-update differs from ELSA's: same data, same start, other weights; the loss is f(w)."""
+  config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4)
+  graphdef, params = llama.split(llama.Llama(config, rngs=nnx.Rngs(int(np.random.default_rng().integers(99)))))
+  batch = jnp.asarray(np.random.default_rng().integers(0, 64, size=(1, 2, 17)), jnp.int32)
+  first_loss, params_after = {}, {}
+  for rho in (0.0, 0.5):
+    tx = train.make_optimizer(_cfg(sam_rho=rho))
+    step = jax.jit(train.make_train_step(graphdef, tx, compute_dtype=jnp.float32, sam_rho=rho))
+    p, s, metrics = step(params, tx.init(params), batch)
+    first_loss[rho] = float(metrics["loss"])
+    params_after[rho] = step(p, s, batch)[0]  # two steps: Adam's first one is sign-like
+  np.testing.assert_allclose(first_loss[0.0], first_loss[0.5], rtol=1e-6)
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params_after[0.0], params_after[0.5])
+  assert max(jax.tree.leaves(diff)) > 1e-5
