@@ -8,6 +8,7 @@ bad input fails in seconds and never leaves a half-written output.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -92,10 +93,14 @@ class LoadedModel:
   source: str
 
 
-def load_model(spec: str, *, param_dtype=jnp.float32, remat: bool = False) -> LoadedModel:
+def load_model(spec: str, *, param_dtype=jnp.float32, remat: bool = False,
+               mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
   """Loads 'default', a ``.gguf`` file, an HF directory or a hub id, with its tokenizer.
 
-  ``remat`` rematerialises each decoder layer in the backward pass.
+  ``remat`` rematerialises each decoder layer in the backward pass. With a
+  ``mesh``, safetensors weights are read shard by shard straight into their
+  training shardings (each process reads only its devices' slices); GGUF
+  files (block-quantised) are read whole and placed later.
   """
   from transformers import AutoTokenizer
 
@@ -109,15 +114,23 @@ def load_model(spec: str, *, param_dtype=jnp.float32, remat: bool = False) -> Lo
     model, config = llama.from_gguf(spec, param_dtype=param_dtype)
     tokenizer = llama.tokenizer_from_gguf(spec)
   else:
-    model, config = llama.from_pretrained(spec, param_dtype=param_dtype)
+    shardings = None
+    if mesh is not None:
+      shardings = lambda p, axes: sharding_lib.param_shardings(axes, p, mesh, sharding_lib.DEFAULT_RULES)
+    model, config = llama.from_pretrained(spec, param_dtype=param_dtype, shardings=shardings)
     tokenizer = AutoTokenizer.from_pretrained(spec)
   model.remat = remat
   graphdef, params = llama.split(model)
   return LoadedModel(graphdef, params, config, tokenizer, spec)
 
 
-def _logits_fn(graphdef, compute_dtype):
-  @jax.jit
+def _logits_fn(graphdef, compute_dtype, params=None):
+  # Params sharded over a mesh (possibly across processes): every process gets the whole logits.
+  first = jax.tree.leaves(params)[0] if params is not None else None
+  sharding = getattr(first, "sharding", None)
+  out = sharding_lib.replicated(sharding.mesh) if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+  @functools.partial(jax.jit, out_shardings=out)
   def logits_fn(params, ids):
     cparams = jax.tree.map(lambda p: p.astype(compute_dtype), params)
     return llama.apply(graphdef, cparams, ids)
@@ -127,7 +140,7 @@ def _logits_fn(graphdef, compute_dtype):
 
 def perplexity_of(model: LoadedModel, params: Any, eval_ids: np.ndarray, *, seqlen: int,
                   max_windows: int = 0, batch_size: int = 4, compute_dtype="float32") -> float:
-  fn = _logits_fn(model.graphdef, jnp.dtype(compute_dtype))
+  fn = _logits_fn(model.graphdef, jnp.dtype(compute_dtype), params)
   result = evaluate_lib.perplexity(
       lambda ids: fn(params, ids), eval_ids, seqlen=seqlen, batch_size=batch_size,
       max_windows=max_windows or None,
@@ -219,7 +232,7 @@ def prune(
   cfg = method_config(cfg, method) if method in ADMM_METHODS else cfg
   oneshot_seqlen = oneshot_seqlen or cfg.seqlen
 
-  loaded = load_model(model, remat=remat)
+  loaded = load_model(model, remat=remat, mesh=mesh)
   calib_docs = data_lib.load_documents(calib, split="calibration", text_field=text_field)
   calib_tokens = data_lib.tokenize_documents(loaded.tokenizer, calib_docs)
   windows = data_lib.CalibrationWindows(

@@ -196,3 +196,65 @@ def test_smollm2_gguf_and_its_export_match_transformers(smollm2_gguf, tmp_path):
   hf2 = LlamaForCausalLM.from_pretrained(tmp_path / "smol", torch_dtype=torch.float32).eval()
   assert _logits_diff(hf2, exported, ids) < 2.5e-4
   np.testing.assert_array_equal(np.asarray(exported(jnp.asarray(ids))), np.asarray(model(jnp.asarray(ids))))
+
+
+def test_sharded_loading_reads_only_each_devices_slices(tmp_path, monkeypatch):
+  import safetensors
+
+  from elsa_jax import sharding as sharding_lib
+
+  config = llama.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+  model = llama.Llama(config, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
+  llama.save_pretrained(model, config, tmp_path / "m", max_shard_size="40KB")  # several files + index
+  assert (tmp_path / "m" / "model.safetensors.index.json").exists()
+  full = llama.split(llama.from_pretrained(tmp_path / "m")[0])[1]
+
+  reads = []  # the shape of every slice taken from a file
+  real_open = safetensors.safe_open
+
+  class Spy:
+    def __init__(self, *a, **k):
+      self._fh = real_open(*a, **k)
+
+    def __enter__(self):
+      self._fh.__enter__()
+      return self
+
+    def __exit__(self, *exc):
+      return self._fh.__exit__(*exc)
+
+    def get_slice(self, name):
+      sl = self._fh.get_slice(name)
+
+      class Slice:
+        get_shape = sl.get_shape
+
+        def __getitem__(self, index):
+          out = sl[index]
+          reads.append((name, tuple(out.shape)))
+          return out
+
+      return Slice()
+
+    def __getattr__(self, attr):
+      return getattr(self._fh, attr)
+
+  monkeypatch.setattr(safetensors, "safe_open", Spy)
+  mesh = sharding_lib.make_mesh(4, 2)
+  rules = dict(sharding_lib.DEFAULT_RULES)
+  sharded_model, _ = llama.from_pretrained(
+      tmp_path / "m", shardings=lambda p, axes: sharding_lib.param_shardings(axes, p, mesh, rules))
+  sharded = llama.split(sharded_model)[1]
+  want = sharding_lib.param_shardings(llama.logical_axes(sharded_model), sharded, mesh, rules)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(sharded)[0]:
+    target = want
+    ref = full
+    for k in path:
+      target, ref = target[k.key], ref[k.key]
+    assert leaf.sharding.is_equivalent_to(target, leaf.ndim), path
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref))
+  # An [in, out] kernel sharded 4 x 2 is read as 8 distinct [out/2, in/4] slices, never whole.
+  q = [shape for name, shape in reads if name == "model.layers.0.self_attn.q_proj.weight"]
+  assert q and all(s != (64, 64) for s in q), q
+  assert max(int(np.prod(s)) for s in q) <= 64 * 64 // 4

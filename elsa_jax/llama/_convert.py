@@ -98,14 +98,22 @@ def _tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
 
 
 def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
-                    remat: bool = False) -> tuple[Llama, LlamaConfig]:
+                    remat: bool = False, shardings: Any = None) -> tuple[Llama, LlamaConfig]:
   """Loads an HF LLaMA (config.json + safetensors, sharded or not) as an NNX model.
+
+  With ``shardings``, every weight is built by
+  :func:`jax.make_array_from_callback` straight into its target sharding:
+  each process reads, from the safetensors files, only the slices its own
+  devices hold (no process ever holds a whole copy of the model).
 
   Args:
     path_or_hub_id: a local HF directory, or a hub id where a network exists.
     dtype: compute dtype of the model.
     param_dtype: dtype the weights are stored in.
     remat: rematerialise decoder layers in the backward pass.
+    shardings: None (whole arrays on the default device), or a function
+      ``(abstract_params, logical_axes) -> tree of jax.sharding.Sharding``,
+      e.g. ``lambda p, axes: elsa_jax.sharding.param_shardings(axes, p, mesh)``.
 
   Returns:
     ``(model, config)``.
@@ -139,6 +147,10 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtyp
     raise ValueError(f"{directory} holds tensor(s) {extra[:5]} that this LLaMA does not use; the config.json "
                      f"does not describe these weights (another architecture, or biases not declared).")
   params = jax.tree.map(lambda s: None, shapes)
+  if shardings is not None:
+    from elsa_jax.llama._model import logical_axes
+
+    shardings = shardings(shapes, logical_axes(abstract))
   by_file: dict[pathlib.Path, list[str]] = {}
   for name in names:
     by_file.setdefault(files[name], []).append(name)
@@ -146,15 +158,32 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtyp
     with safe_open(file, framework="flax") as fh:
       for name in file_names:
         path = names[name]
-        tensor = fh.get_tensor(name)
-        if path[-1] == "kernel":
-          tensor = tensor.T
-        want = _get(shapes, path).shape
-        if tuple(tensor.shape) != tuple(want):
-          raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)} (after transposing Linear weights) "
-                           f"but the config.json implies {tuple(want)}; the weights and config do not match.")
-        _set(params, path, jnp.asarray(tensor, dtype=param_dtype))
+        want = tuple(_get(shapes, path).shape)
+        transpose = path[-1] == "kernel"
+        stored = tuple(fh.get_slice(name).get_shape())
+        if (stored[::-1] if transpose else stored) != want:
+          raise ValueError(f"tensor {name} has shape {stored} (HF layout; Linear weights are [out, in]) "
+                           f"but the config.json implies {want[::-1] if transpose else want}; the weights "
+                           f"and config do not match.")
+        if shardings is None:
+          tensor = fh.get_tensor(name)
+          _set(params, path, jnp.asarray(tensor.T if transpose else tensor, dtype=param_dtype))
+        else:
+          _set(params, path, _load_sharded(fh.get_slice(name), want, _get(shardings, path), transpose,
+                                           param_dtype))
   return merge(graphdef, params), config
+
+
+def _load_sharded(tensor_slice, shape, sharding, transpose: bool, dtype) -> jax.Array:
+  """A global array whose every addressable shard is read from its own slice of the file."""
+
+  def read(index: tuple) -> np.ndarray:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    if transpose:  # our [in, out] shard (i, o) is the file's [out, in] slice (o, i), transposed
+      return np.asarray(tensor_slice[index[::-1]]).T.astype(dtype)
+    return np.asarray(tensor_slice[index]).astype(dtype)
+
+  return jax.make_array_from_callback(shape, sharding, read)
 
 
 def _parse_size(size: int | str) -> int:
