@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elsa_jax import _admm
+from elsa_jax._files import atomic_directory
 from elsa_jax import assets
 from elsa_jax import baselines
 from elsa_jax import checkpoint as checkpoint_lib
@@ -160,24 +160,14 @@ def export(model: LoadedModel, params: Any, out: str | pathlib.Path, *, overwrit
   """Writes an HF directory (config, safetensors, tokenizer, sparsity report) atomically."""
   out = pathlib.Path(out)
   check_output_dir(out, overwrite)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  try:
-    host_params = jax.device_get(params)
-    llama.save_pretrained((model.graphdef, host_params), model.config, tmp)
+  host_params = jax.device_get(params)
+  with atomic_directory(out) as tmp:
+    llama.save_pretrained((model.graphdef, host_params), model.config, tmp, overwrite=True)
     model.tokenizer.save_pretrained(tmp)
     report = _admm.sparsity_report(host_params)
     info = {"source_model": model.source, "sparsity_report": report}
     info.update(extra or {})
     (tmp / "elsa_jax.json").write_text(json.dumps(info, indent=2, default=float))
-    if out.exists():
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
   return out
 
 

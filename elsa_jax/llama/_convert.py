@@ -11,8 +11,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -20,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from elsa_jax._files import atomic_directory
 from elsa_jax.llama._config import LlamaConfig
 from elsa_jax.llama._model import Llama, merge, split
 
@@ -237,9 +236,7 @@ def save_pretrained(model: Llama | tuple[Any, dict], config: LlamaConfig, path: 
       size = 0
     shards[-1][name] = tensors[name]
     size += nbytes
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-  try:
+  with atomic_directory(path) as tmp:
     hf_config = config.to_hf_dict()
     first = next(iter(tensors.values()))
     hf_config["torch_dtype"] = str(first.dtype)
@@ -255,12 +252,6 @@ def save_pretrained(model: Llama | tuple[Any, dict], config: LlamaConfig, path: 
       total = sum(t.size * t.dtype.itemsize for t in tensors.values())
       (tmp / "model.safetensors.index.json").write_text(
           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    if path.exists():
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
   return path
 
 
