@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true", help="replace an existing exported model")
   p.add_argument("--distributed", action="store_true",
                  help="join a multi-process run (jax.distributed; see elsa_jax.distributed)")
-  p.add_argument("--remat", action="store_true",
-                 help="rematerialise each decoder layer in the backward pass (less memory, ~1/3 more compute)")
+  p.add_argument("--remat", nargs="?", const="full", default=False,
+                 help="rematerialise each decoder layer in the backward pass: full (the default of the bare flag; "
+                      "least memory, ~1/3 more compute) | dots | dots_no_batch")
   _add_elsa_args(p)
 
   e = sub.add_parser("eval", help="perplexity and sparsity of a model")

@@ -56,7 +56,7 @@ class MemoryPrediction:
             f"- aliased {self.alias_bytes / GiB:.2f}")
 
 
-def abstract_model(config: llama.LlamaConfig, *, remat: bool = False) -> tuple[Any, Any]:
+def abstract_model(config: llama.LlamaConfig, *, remat: bool | str = False) -> tuple[Any, Any]:
   """``(graphdef, abstract params)`` of a model, without allocating its weights."""
   abstract = nnx.eval_shape(lambda: llama.Llama(config, remat=remat, rngs=nnx.Rngs(0)))
   return llama.split(abstract)
@@ -67,7 +67,7 @@ def predict_memory(
     cfg: train.ElsaConfig,
     mesh: jax.sharding.Mesh,
     *,
-    remat: bool = False,
+    remat: bool | str = False,
     rules: dict[str, str | None] | None = None,
 ) -> MemoryPrediction:
   """Compiles the ELSA train step abstractly and returns its per-device memory."""

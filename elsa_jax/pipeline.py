@@ -93,7 +93,7 @@ class LoadedModel:
   source: str
 
 
-def load_model(spec: str, *, param_dtype=jnp.float32, remat: bool = False,
+def load_model(spec: str, *, param_dtype=jnp.float32, remat: bool | str = False,
                mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
   """Loads 'default', a ``.gguf`` file, an HF directory or a hub id, with its tokenizer.
 
@@ -194,7 +194,7 @@ def prune(
     oneshot_windows: int = 128,
     oneshot_seqlen: int | None = None,
     damp: float = 0.01,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> dict[str, Any]:
   """Prunes ``model`` to ``cfg.sparsity`` and writes the pruned HF model to ``output/model``.
 
@@ -222,6 +222,7 @@ def prune(
   cfg = method_config(cfg, method) if method in ADMM_METHODS else cfg
   oneshot_seqlen = oneshot_seqlen or cfg.seqlen
 
+  llama.remat_policy(remat)  # an unknown policy fails before any work
   loaded = load_model(model, remat=remat, mesh=mesh)
   calib_docs = data_lib.load_documents(calib, split="calibration", text_field=text_field)
   calib_tokens = data_lib.tokenize_documents(loaded.tokenizer, calib_docs)

@@ -54,8 +54,8 @@ def main() -> None:
 
   preset = pipeline.PRESETS[args.preset]
   overrides = {k: v for k, v in dict(steps=args.steps, lmda=args.lmda, lr=args.lr).items() if v is not None}
-  base = train.ElsaConfig(**{k: v for k, v in preset.items() if k in {f.name for f in dataclasses.fields(
-      train.ElsaConfig)}}, **overrides)
+  fields = {f.name for f in dataclasses.fields(train.ElsaConfig)}
+  base = train.ElsaConfig(**{**{k: v for k, v in preset.items() if k in fields}, **overrides})
   init_method = args.init_method or ("wanda" if args.preset == "cpu" else "dense")
   oneshot_windows = args.calib_windows or preset.get("oneshot_windows", 128)
   eval_seqlen = preset["eval_seqlen"]

@@ -4,17 +4,19 @@ from elsa_jax.llama._config import LlamaConfig
 from elsa_jax.llama._convert import from_pretrained, save_pretrained, hf_name, flax_path
 from elsa_jax.llama._gguf import from_gguf, tokenizer_from_gguf
 from elsa_jax.llama._model import (
+    REMAT_POLICIES,
     Llama,
     apply,
     logical_axes,
     logical_axes_of,
     merge,
     param_count,
+    remat_policy,
     rope_inv_freq,
     split,
 )
 
 __all__ = [
-    "Llama", "LlamaConfig", "apply", "flax_path", "from_gguf", "from_pretrained", "hf_name", "logical_axes",
-    "logical_axes_of", "merge", "param_count", "rope_inv_freq", "save_pretrained", "split", "tokenizer_from_gguf",
+    "REMAT_POLICIES", "Llama", "LlamaConfig", "apply", "flax_path", "from_gguf", "from_pretrained", "hf_name", "logical_axes",
+    "logical_axes_of", "merge", "param_count", "remat_policy", "rope_inv_freq", "save_pretrained", "split", "tokenizer_from_gguf",
 ]

@@ -197,7 +197,11 @@ class Llama(nnx.Module):
       None (the default) computes in the dtype of the parameters themselves, so
       a training step that casts fp32 master weights to bf16 computes in bf16.
     param_dtype: storage dtype of the parameters (the fp32 master copy).
-    remat: rematerialise each decoder layer in the backward pass.
+    remat: rematerialise each decoder layer in the backward pass: False, True
+      or ``"full"`` (keep only each layer's input), ``"dots"`` (also keep
+      every matmul output) or ``"dots_no_batch"`` (keep matmul outputs without
+      batch dimensions, i.e. the projections' outputs, not attention scores).
+      See :data:`REMAT_POLICIES`.
     rngs: initialisation randomness.
 
   Example::
@@ -207,9 +211,10 @@ class Llama(nnx.Module):
     logits = model(jnp.zeros((1, 8), jnp.int32))  # [1, 8, 512] float32
   """
 
-  def __init__(self, config: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, remat: bool = False,
+  def __init__(self, config: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, remat: bool | str = False,
                rngs: nnx.Rngs | None = None):
     rngs = nnx.Rngs(0) if rngs is None else rngs
+    remat_policy(remat)  # validates
     self.config = config
     self.dtype = dtype
     self.remat = remat
@@ -238,7 +243,7 @@ class Llama(nnx.Module):
     x = self.embed(input_ids)
     for layer in self.layers:
       if self.remat:
-        x = nnx.remat(lambda mdl, h, p: mdl(h, p))(layer, x, positions)
+        x = nnx.remat(lambda mdl, h, p: mdl(h, p), policy=remat_policy(self.remat))(layer, x, positions)
       else:
         x = layer(x, positions)
     return self.norm(x)
@@ -251,6 +256,23 @@ class Llama(nnx.Module):
     else:
       logits = self.lm_head(h)
     return logits.astype(jnp.float32)
+
+
+#: Rematerialisation policies of :class:`Llama`'s ``remat`` (None: save nothing inside a layer).
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(remat: bool | str):
+  """The ``jax.checkpoint`` policy of a ``remat`` setting (None for full remat or none)."""
+  if remat is True or remat is False:
+    return None
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {remat!r}; use True/False or one of {', '.join(REMAT_POLICIES)}.")
+  return REMAT_POLICIES[remat]
 
 
 def _with_lazy_sharding(fn):
