@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Predicted against measured per-device memory of the ELSA train step.
+
+For each configuration, a fresh subprocess (1) predicts the step's memory with
+``elsa_jax.memory.predict_memory`` (XLA's buffer assignment, nothing
+allocated), (2) builds the random-weight model and its optimizer state on
+the device, compiles the step, and (3) runs a few steps while measuring the
+peak: ``peak_bytes_in_use`` of the device where the runtime reports it (GPU,
+TPU), otherwise the process's resident memory sampled every millisecond,
+above what it held after compiling and before allocating the model.
+Writes ``results/memory-<device>.md``.
+
+  python scripts/bench_memory.py                       # SmolLM2-135M shape, fp32 and ELSA-L state
+  python scripts/bench_memory.py --sizes 135m,1b --batch-size 4 --seqlen 2048   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+SIZES = {
+    # SmolLM2-135M's shape.
+    "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    # TinyLlama-1.1B's shape (the issue's 1.1B row).
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False),
+}
+STATES = {
+    "fp32": dict(state_dtype="float32", moment_dtype="float32"),
+    "elsa-l": dict(state_dtype="float8_e4m3fn", moment_dtype="int8"),
+}
+
+
+def _child(spec: dict) -> dict:
+  import threading
+  import time
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from elsa_jax import llama, memory, sharding, train
+
+  config = llama.LlamaConfig(**SIZES[spec["size"]])
+  cfg = train.ElsaConfig(batch_size=spec["batch_size"], seqlen=spec["seqlen"], steps=100, interval=2,
+                         compute_dtype=spec["compute_dtype"], **STATES[spec["state"]])
+  mesh = sharding.make_mesh(1, 1)
+  pred = memory.predict_memory(config, cfg, mesh, remat=spec["remat"])
+
+  device = jax.local_devices()[0]
+  on_device = device.memory_stats() is not None
+
+  def rss() -> int:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+  graphdef, abstract = memory.abstract_model(config, remat=spec["remat"])
+  axes = llama.logical_axes(llama.merge(graphdef, abstract))
+  p_shard = sharding.param_shardings(axes, abstract, mesh)
+  tx = train.make_optimizer(cfg)
+  s_shard = sharding.opt_state_shardings(tx, abstract, p_shard, mesh)
+  init = jax.jit(lambda: llama.split(llama.Llama(config, remat=spec["remat"], rngs=nnx.Rngs(0)))[1],
+                 out_shardings=p_shard)
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA))
+  step = jax.jit(train.make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype)),
+                 in_shardings=(p_shard, s_shard, data),
+                 out_shardings=(p_shard, s_shard, sharding.replicated(mesh)), donate_argnums=(0, 1))
+  batch_shape = jax.ShapeDtypeStruct((1, cfg.batch_size, cfg.seqlen + 1), jnp.int32, sharding=data)
+  state_abstract = jax.eval_shape(tx.init, abstract)
+  compiled = step.lower(abstract, state_abstract, batch_shape).compile()  # compile before measuring
+  init_compiled = init.lower().compile()
+  state_init = jax.jit(tx.init, out_shardings=s_shard).lower(abstract).compile()
+  time.sleep(0.5)
+  base = device.memory_stats()["bytes_in_use"] if on_device else rss()
+  peak = [base]
+  stop = threading.Event()
+
+  def sample():
+    while not stop.is_set():
+      peak[0] = max(peak[0], rss())
+      time.sleep(0.001)
+
+  sampler = None if on_device else threading.Thread(target=sample, daemon=True)
+  if sampler:
+    sampler.start()
+  params = init_compiled()
+  opt_state = state_init(params)
+  tokens = jax.device_put(np.random.default_rng(0).integers(0, config.vocab_size,
+                                                            (1, cfg.batch_size, cfg.seqlen + 1), np.int32), data)
+  for _ in range(3):
+    params, opt_state, metrics = compiled(params, opt_state, tokens)
+    jax.block_until_ready(metrics)
+  if sampler:
+    stop.set()
+    sampler.join()
+    measured = peak[0] - base
+  else:
+    measured = device.memory_stats()["peak_bytes_in_use"] - base
+  return dict(spec, predicted=pred.total_bytes, measured=int(measured), n_params=pred.n_params,
+              state_bytes_per_param=pred.state_bytes_per_param, device=device.device_kind,
+              method="peak_bytes_in_use" if on_device else "process RSS")
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--sizes", default="135m")
+  ap.add_argument("--states", default="fp32,elsa-l")
+  ap.add_argument("--batch-size", type=int, default=1)
+  ap.add_argument("--seqlen", type=int, default=256)
+  ap.add_argument("--compute-dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")
+  ap.add_argument("--remat", default="", help="'' (none) | full | dots | dots_no_batch")
+  ap.add_argument("--out-dir", default="results")
+  ap.add_argument("--child", help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  if args.child:
+    print("RESULT " + json.dumps(_child(json.loads(args.child))), flush=True)
+    return
+  import jax
+
+  compute = args.compute_dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+  rows = []
+  for size in args.sizes.split(","):
+    for state in args.states.split(","):
+      spec = dict(size=size, state=state, batch_size=args.batch_size, seqlen=args.seqlen, compute_dtype=compute,
+                  remat=args.remat or False)
+      out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+      lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+      if out.returncode or not lines:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{size}/{state} failed")
+      row = json.loads(lines[0][7:])
+      rows.append(row)
+      print(f"{size} {state}: predicted {row['predicted'] / 2**30:.3f} GiB, measured {row['measured'] / 2**30:.3f} "
+            f"GiB", flush=True)
+  device = rows[0]["device"]
+  lines = [f"device {device}, {datetime.date.today()}, batch {args.batch_size} x {args.seqlen}, compute {compute}, "
+           f"remat {args.remat or 'none'}, measured as {rows[0]['method']}", "",
+           "| model | state | params | state B/param | predicted GiB | measured GiB | predicted / measured |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['size']} | {r['state']} | {r['n_params'] / 1e6:.1f}M | {r['state_bytes_per_param']:.2f} | "
+                 f"{r['predicted'] / 2**30:.3f} | {r['measured'] / 2**30:.3f} | {r['predicted'] / r['measured']:.3f} |")
+  table = "\n".join(lines)
+  print(table)
+  out_dir = pathlib.Path(args.out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / f"memory-{device.replace(' ', '_')}.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+  main()
