@@ -518,6 +518,16 @@ def admm(
   ``sparsity``, ...) become traced hyperparameters; list ``prunable`` and
   ``sparsity_ramp`` in ``static_args`` when they are callables.
 
+  By default the step count decides on the device whether a z/u update is
+  due, through a :func:`jax.lax.cond`. That conditional is expensive: XLA
+  copies ``z`` and ``u`` through it and fuses nothing across it (on the CPU it
+  costs more than the whole Adam update). A training loop that knows the step
+  on the host should instead pass the extra argument ``z_update=True`` or
+  ``False`` (a static Python bool; jit the step once for each) at the steps
+  where ``count % interval == 0`` holds or not, as :func:`elsa_jax.train.run`
+  does. ``z_update`` overrides the schedule: it is the caller's to keep them
+  in step.
+
   Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> import elsa_jax
@@ -697,9 +707,14 @@ def admm(
         base_state=base_state,
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, z_update=None, **extra_args):
     if params is None:
       raise ValueError("admm needs the params: call tx.update(grads, state, params).")
+    if z_update is not None and not isinstance(z_update, (bool, np.bool_)):
+      raise TypeError(
+          f"z_update must be None or a Python bool (static under jit), got {type(z_update).__name__}; "
+          "leave it None to let the step count decide on the device."
+      )
     count = state.count
     keep = jax.tree_util.tree_map_with_path(prunable_leaf, params)
     lmda_now = lmda_at(count) * state.lmda_factor
@@ -807,7 +822,9 @@ def admm(
               (m.rel_gap, m.primal_residual, m.dual_residual, m.mask_flip_fraction))
 
     due = count % interval == 0
-    if _is_concrete(due):  # eager mode, or interval == 1 under jit
+    if z_update is not None:  # the caller's static choice: no conditional in the step
+      result = zu_update() if z_update else hold()
+    elif _is_concrete(due):  # eager mode, or interval == 1 under jit
       result = zu_update() if bool(due) else hold()
     elif _is_concrete(interval) and int(np.asarray(interval)) == 1:
       result = zu_update()

@@ -174,12 +174,16 @@ def make_train_step(
     *,
     compute_dtype: jnp.dtype = jnp.bfloat16,
     sam_rho: float = 0.0,
+    z_update: bool | None = None,
 ) -> Callable[[Any, Any, jax.Array], tuple[Any, Any, dict[str, jax.Array]]]:
   """Returns ``step(params, opt_state, batch[accum, B, T+1]) -> (params, opt_state, metrics)``.
 
   Gradients are averaged over the ``accum`` micro-batches with a ``lax.scan``
   so that memory stays that of one micro-batch. ``sam_rho > 0`` takes each
   micro-batch's gradient sharpness-aware (:func:`elsa_jax.sam_gradient`; SAFE).
+  ``z_update`` (True or False) is passed to :func:`elsa_jax.admm` as its static
+  extra argument: build one step with each and call the first when
+  ``step % interval == 0`` (None keeps the on-device conditional).
   """
   loss_fn = make_loss_fn(graphdef, compute_dtype)
   grad_fn = jax.value_and_grad(loss_fn)
@@ -196,7 +200,8 @@ def make_train_step(
     (loss_sum, grad_sum), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batch)
     n = batch.shape[0]
     grads = jax.tree.map(lambda g: g / n, grad_sum)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    extra = {} if z_update is None else {"z_update": z_update}
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads)}
     metrics.update(_admm.admm_metrics(opt_state)._asdict())
@@ -305,12 +310,20 @@ def run(
 
   compute_dtype = jnp.dtype(cfg.compute_dtype)
   data_shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.DATA))
-  step_fn = jax.jit(
-      make_train_step(graphdef, tx, compute_dtype=compute_dtype, sam_rho=cfg.sam_rho),
-      in_shardings=(p_shard, s_shard, data_shard),
-      out_shardings=(p_shard, s_shard, sharding_lib.replicated(mesh)),
-      donate_argnums=(0, 1),
-  )
+  end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+  # Two compiled steps, with and without the z/u update, picked on the host (a
+  # lax.cond on the device would copy z and u through it at every step), both
+  # compiled before the timed loop.
+  batch_spec = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.seqlen + 1), jnp.int32,
+                                    sharding=data_shard)
+  step_fns = {}
+  for due in sorted({s % cfg.interval == 0 for s in range(start, end)}):
+    step_fns[due] = jax.jit(
+        make_train_step(graphdef, tx, compute_dtype=compute_dtype, sam_rho=cfg.sam_rho, z_update=due),
+        in_shardings=(p_shard, s_shard, data_shard),
+        out_shardings=(p_shard, s_shard, sharding_lib.replicated(mesh)),
+        donate_argnums=(0, 1),
+    ).lower(params, opt_state, batch_spec).compile()
 
   is_main = jax.process_index() == 0
   metrics_file = None
@@ -331,7 +344,6 @@ def run(
   lr_at = optax.linear_schedule(cfg.lr, 0.0, cfg.steps)
 
   def flush(entry):
-    nonlocal t_first
     step, metrics, t_done = entry
     host = _to_host(metrics)
     if not all(math.isfinite(host[k]) for k in ("loss", "grad_norm")):
@@ -360,16 +372,15 @@ def run(
       )
 
   try:
-    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     for step in range(start, end):
-      batch = np.asarray(batches(step))  # this process's rows of the global batch
+      batch = np.asarray(batches(step), np.int32)  # this process's rows of the global batch
       batch = batch.reshape(cfg.grad_accum, -1, batch.shape[-1])
       if jax.process_count() > 1:
         global_shape = (cfg.grad_accum, cfg.batch_size, batch.shape[-1])
         batch = jax.make_array_from_process_local_data(data_shard, batch, global_shape)
       else:
         batch = jax.device_put(batch, data_shard)
-      params, opt_state, metrics = step_fn(params, opt_state, batch)
+      params, opt_state, metrics = step_fns[step % cfg.interval == 0](params, opt_state, batch)
       if step == start:
         jax.block_until_ready(metrics)
         t_first = time.perf_counter()

@@ -473,6 +473,29 @@ def test_jit_and_eager_trajectories_agree():
   chex.assert_trees_all_close(a_jit.metrics, a_eager.metrics, rtol=1e-5)
 
 
+def test_static_z_update_matches_the_on_device_schedule():
+  """Steps jitted with z_update=True/False, picked on the host, = the lax.cond path."""
+  p_ref, s_ref = lsq_steps(jit=True)
+  grad = jax.jit(jax.grad(lsq_loss))
+  update = jax.jit(EAGER_TX.update, static_argnames="z_update")
+  params = lsq_dense()
+  state = EAGER_TX.init(params)
+  for t in range(3):
+    updates, state = update(grad(params, *lsq_batch(t)), state, params, z_update=t % 2 == 0)
+    params = optax.apply_updates(params, updates)
+  chex.assert_trees_all_close(params, p_ref, rtol=1e-5, atol=1e-6)
+  a, ref = elsa_jax.find_admm_state(state), elsa_jax.find_admm_state(s_ref)
+  chex.assert_trees_all_close((a.z, a.u, a.metrics), (ref.z, ref.u, ref.metrics), rtol=1e-5, atol=1e-6)
+  # Step 3 is off schedule: False holds z and u, True updates them all the same.
+  grads = grad(params, *lsq_batch(3))
+  held = elsa_jax.find_admm_state(update(grads, state, params, z_update=False)[1])
+  moved = elsa_jax.find_admm_state(update(grads, state, params, z_update=True)[1])
+  chex.assert_trees_all_equal((held.z, held.u), (a.z, a.u))
+  assert not np.array_equal(moved.u["layers"]["0"]["kernel"], a.u["layers"]["0"]["kernel"])
+  with pytest.raises(TypeError, match="z_update must be None or a Python bool"):
+    jax.jit(EAGER_TX.update)(grads, state, params, z_update=jnp.array(True))
+
+
 def test_building_blocks_reproduce_admm():
   """admm_penalty / admm_projection / admm_dual assembled by hand = admm()."""
   p_ref, s_ref = lsq_steps(jit=False)
