@@ -458,6 +458,20 @@ def _encode_state(x, dtype, scale_axis):
   return x.astype(dtype), _empty()
 
 
+def _zero_state(shape, dtype, scale_axis):
+  """``_encode_state(zeros)`` without quantising a constant (slow to compile)."""
+  if quant.is_fp8(dtype):
+    return quant.scaled_zeros(shape, dtype, axis=scale_axis)
+  return jnp.zeros(shape, dtype), _empty()
+
+
+def _zero_score(shape, dtype):
+  """``_encode_score(zeros)`` without quantising a constant."""
+  if dtype == jnp.int8:
+    return quant.blockwise_zeros(shape, signed=False)
+  return jnp.zeros(shape, dtype), _empty()
+
+
 def _decode_state(q, scale):
   if quant.is_fp8(q.dtype):
     return quant.dequantize_scaled(q, scale)
@@ -677,11 +691,11 @@ def admm(
     for (_, p), k in zip(flat, keep):
       if k:
         z_q, z_s = _encode_state(next(z0), state_dtype, scale_axis)
-        u_q, u_s = _encode_state(jnp.zeros(p.shape, jnp.float32), state_dtype, scale_axis)
+        u_q, u_s = _zero_state(p.shape, state_dtype, scale_axis)
       else:
         z_q, z_s, u_q, u_s = _empty(state_dtype), _empty(), _empty(state_dtype), _empty()
       if k and use_ema:
-        v_q, v_s = _encode_score(jnp.zeros(p.shape, jnp.float32), score_dtype)
+        v_q, v_s = _zero_score(p.shape, score_dtype)
       else:
         v_q, v_s = _empty(score_dtype), _empty()
       for column, leaf in zip(columns, (z_q, z_s, u_q, u_s, v_q, v_s)):

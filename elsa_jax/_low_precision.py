@@ -72,6 +72,13 @@ def _check_moment_dtype(moment_dtype: str) -> str:
   return moment_dtype
 
 
+def _zero_moment(shape, moment_dtype, block_size, signed):
+  """The encoding of a zero moment, without quantising a constant."""
+  if moment_dtype == "int8":
+    return quant.blockwise_zeros(shape, block_size=block_size, signed=signed)
+  return jnp.zeros(shape, moment_dtype), jnp.zeros(_EMPTY, jnp.float32)
+
+
 def _encode_mu(m, moment_dtype, block_size):
   if moment_dtype == "int8":
     return quant.quantize_blockwise(m, block_size=block_size, signed=True)
@@ -144,12 +151,11 @@ def scale_by_adam_lowp(
   moment_dtype = _check_moment_dtype(moment_dtype)
 
   def init_fn(params):
-    zeros = lambda p: jnp.zeros(p.shape, jnp.float32)
     mu, mu_scale = unzip(
-        jax.tree.map(lambda p: _encode_mu(zeros(p), moment_dtype, block_size), params), params, 2
+        jax.tree.map(lambda p: _zero_moment(p.shape, moment_dtype, block_size, True), params), params, 2
     )
     nu, nu_scale = unzip(
-        jax.tree.map(lambda p: _encode_nu(zeros(p), moment_dtype, block_size), params), params, 2
+        jax.tree.map(lambda p: _zero_moment(p.shape, moment_dtype, block_size, False), params), params, 2
     )
     return ScaleByAdamLowpState(
         count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, mu_scale=mu_scale, nu_scale=nu_scale

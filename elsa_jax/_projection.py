@@ -103,19 +103,28 @@ def _sortable_key(score: jax.Array) -> jax.Array:
   return jnp.where(negative, ~bits, bits | sign)
 
 
-def _reduced_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+def _competing_axes(ndim: int, axis) -> tuple[int, ...]:
+  """The axes along which entries compete: all (None), one (int) or several (tuple)."""
   if axis is None:
-    return (1,) * len(shape)
-  return tuple(1 if i == axis % len(shape) else d for i, d in enumerate(shape))
+    return tuple(range(ndim))
+  if isinstance(axis, int):
+    return (axis % ndim,)
+  return tuple(a % ndim for a in axis)
 
 
-def _positions(shape: tuple[int, ...], axis: int | None) -> jax.Array:
-  """Flat row-major index (``axis=None``) or index along ``axis``, as int32."""
-  if axis is not None:
-    return jax.lax.broadcasted_iota(jnp.int32, shape, axis % len(shape))
+def _reduced_shape(shape: tuple[int, ...], axis) -> tuple[int, ...]:
+  axes = _competing_axes(len(shape), axis)
+  return tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+
+def _positions(shape: tuple[int, ...], axis) -> jax.Array:
+  """Row-major index over the competing axes (the flat index for None), as int32."""
+  axes = _competing_axes(len(shape), axis)
+  if len(axes) == 1:
+    return jax.lax.broadcasted_iota(jnp.int32, shape, axes[0])
   position = jnp.zeros(shape, jnp.int32)
   stride = 1
-  for dim in reversed(range(len(shape))):
+  for dim in reversed(sorted(axes)):
     position = position + jax.lax.broadcasted_iota(jnp.int32, shape, dim) * stride
     stride *= shape[dim]
   return position
@@ -135,7 +144,7 @@ def _topk_cuts(scores, ks, axes):
   are recomputed inside the loop, so nothing but the bounds is stored.
   """
   lengths = [
-      math.prod(s.shape) if a is None else s.shape[a] for s, a in zip(scores, axes)
+      math.prod(s.shape[d] for d in _competing_axes(s.ndim, a)) for s, a in zip(scores, axes)
   ]
   value_steps = 32
   position_steps = max(1, max(math.ceil(math.log2(n + 1)) for n in lengths))
@@ -158,7 +167,9 @@ def _topk_cuts(scores, ks, axes):
     p = jnp.where(on_value, length, mid_p)
     keys = _sortable_key(score)
     ranked = (keys > t) | ((keys == t) & (_positions(score.shape, axis) < p))
-    enough = jnp.sum(ranked, axis=axis, keepdims=True, dtype=jnp.int32) >= k
+    enough = jnp.sum(
+        ranked, axis=_competing_axes(score.ndim, axis), keepdims=True, dtype=jnp.int32
+    ) >= k
     return (
         jnp.where(on_value & enough, mid_t, lo_t),
         jnp.where(on_value & ~enough, mid_t - 1, hi_t),
@@ -189,7 +200,9 @@ def topk_masks(scores, ks, axes) -> list[jax.Array]:
   Args:
     scores: a sequence of float arrays.
     ks: how many entries to keep in each (per slice when its axis is set).
-    axes: a tuple with, per array, None or the axis along which entries compete.
+    axes: a tuple with, per array, None (all entries compete), the axis, or
+      a tuple of the axes along which entries compete (independently for
+      every index of the other axes).
 
   Returns:
     A list of boolean masks.
@@ -378,11 +391,39 @@ def sparsity_masks(
   for i, score in enumerate(scores + [None]):
     if score is None or (size and size + score.size > max_joint_entries):
       if i > start:
-        masks.extend(topk_masks(scores[start:i], ks[start:i], tuple(axes[start:i])))
+        masks.extend(_stacked_topk_masks(scores[start:i], ks[start:i], axes[start:i]))
       start, size = i, 0
     if score is not None:
       size += score.size
   return masks
+
+
+def _stacked_topk_masks(scores, ks, axes) -> list[jax.Array]:
+  """:func:`topk_masks` with the arrays of one shape stacked into one.
+
+  A transformer's prunable matrices come in a few shapes, repeated once per
+  layer: stacked as ``[layers, ...]`` with their own counts, each bisection
+  pass runs a few large kernels instead of one small kernel per matrix. An
+  array's flat (or along-axis) positions are unchanged by the stacking, so
+  the masks are exactly those of :func:`topk_masks`.
+  """
+  groups: dict[tuple, list[int]] = {}
+  for i, (score, axis) in enumerate(zip(scores, axes)):
+    groups.setdefault((score.shape, axis), []).append(i)
+  stacked, stacked_ks, stacked_axes = [], [], []
+  for (shape, axis), idx in groups.items():
+    # No reshape: the stacked array keeps each matrix's sharding on its own axes.
+    stacked.append(jnp.stack([scores[i] for i in idx]))
+    k = jnp.stack([jnp.asarray(ks[i], jnp.int32) for i in idx])
+    stacked_ks.append(k.reshape((len(idx),) + (1,) * len(shape)))
+    stacked_axes.append(tuple(a + 1 for a in _competing_axes(len(shape), axis)))
+  out = [None] * len(scores)
+  for ((shape, _), idx), masks in zip(
+      groups.items(), topk_masks(stacked, stacked_ks, tuple(stacked_axes))
+  ):
+    for j, i in enumerate(idx):
+      out[i] = masks[j]
+  return out
 
 
 def sparsity_mask(

@@ -73,6 +73,15 @@ def scale_shape(shape: tuple[int, ...], axis=None) -> tuple[int, ...]:
   return tuple(1 if i in axes else d for i, d in enumerate(shape))
 
 
+def scaled_zeros(shape: tuple[int, ...], dtype, *, axis=None) -> tuple[jax.Array, jax.Array]:
+  """``quantize_scaled(jnp.zeros(shape), dtype, axis=axis)``, built without computing it.
+
+  Initial optimizer states are zeros; quantising a large constant makes XLA
+  fold it at compile time (seconds per matrix).
+  """
+  return jnp.zeros(shape, dtype), jnp.ones(scale_shape(shape, axis), jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("dtype", "axis", "margin"))
 def quantize_scaled(
     x: jax.Array,
@@ -153,6 +162,16 @@ def _unblocks(b: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   if b.size == math.prod(shape):  # no padding: blocks are row-major pieces
     return b.reshape(shape)
   return b.reshape(-1)[: math.prod(shape)].reshape(shape)
+
+
+def blockwise_zeros(
+    shape: tuple[int, ...], *, block_size: int = DEFAULT_BLOCK_SIZE, signed: bool = True
+) -> tuple[jax.Array, jax.Array]:
+  """``quantize_blockwise(jnp.zeros(shape))``, built without computing it (see :func:`scaled_zeros`)."""
+  return (
+      jnp.zeros(shape, jnp.int8 if signed else jnp.uint8),
+      jnp.zeros(block_scale_shape(shape, block_size), jnp.float32),
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "signed", "keep_nonzero"))

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--remat", nargs="?", const="full", default=False,
                  help="rematerialise each decoder layer in the backward pass: full (the default of the bare flag; "
                       "least memory, ~1/3 more compute) | dots | dots_no_batch")
+  p.add_argument("--scan-layers", action="store_true",
+                 help="run the decoder layers as one lax.scan (compile time independent of depth)")
   _add_elsa_args(p)
 
   e = sub.add_parser("eval", help="perplexity and sparsity of a model")
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
           text_field=args.text_field, init_method=args.init_method,
           oneshot_windows=args.calib_windows or preset.get("oneshot_windows", 128),
           oneshot_seqlen=args.calib_seqlen or preset.get("oneshot_seqlen"), damp=args.damp, remat=args.remat,
+          scan_layers=args.scan_layers,
       )
       keys = [k for k in summary if k.endswith("_ppl")]
       print(json.dumps({k: round(summary[k], 3) for k in keys}))

@@ -56,9 +56,12 @@ class MemoryPrediction:
             f"- aliased {self.alias_bytes / GiB:.2f}")
 
 
-def abstract_model(config: llama.LlamaConfig, *, remat: bool | str = False) -> tuple[Any, Any]:
+def abstract_model(config: llama.LlamaConfig, *, remat: bool | str = False,
+                   scan_layers: bool = False) -> tuple[Any, Any]:
   """``(graphdef, abstract params)`` of a model, without allocating its weights."""
-  abstract = nnx.eval_shape(lambda: llama.Llama(config, remat=remat, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(
+      lambda: llama.Llama(config, remat=remat, scan_layers=scan_layers, rngs=nnx.Rngs(0))
+  )
   return llama.split(abstract)
 
 
@@ -68,11 +71,16 @@ def predict_memory(
     mesh: jax.sharding.Mesh,
     *,
     remat: bool | str = False,
+    scan_layers: bool = False,
     rules: dict[str, str | None] | None = None,
 ) -> MemoryPrediction:
-  """Compiles the ELSA train step abstractly and returns its per-device memory."""
+  """Compiles the ELSA train step abstractly and returns its per-device memory.
+
+  The step compiled is the one with the z/u update (``z_update=True``), the
+  run's peak: the steps between updates do the same work without the projection.
+  """
   rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
-  graphdef, params = abstract_model(config, remat=remat)
+  graphdef, params = abstract_model(config, remat=remat, scan_layers=scan_layers)
   model = llama.merge(graphdef, params)
   axes = llama.logical_axes(model)
   p_shard = sharding_lib.param_shardings(axes, params, mesh, rules)
@@ -84,7 +92,7 @@ def predict_memory(
   data_shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.DATA))
   batch = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.seqlen + 1), jnp.int32, sharding=data_shard)
   step = jax.jit(
-      train.make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype)),
+      train.make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype), z_update=True),
       in_shardings=(p_shard, s_shard, data_shard),
       out_shardings=(p_shard, s_shard, sharding_lib.replicated(mesh)),
       donate_argnums=(0, 1),

@@ -28,6 +28,7 @@ from elsa_jax import checkpoint as checkpoint_lib
 from elsa_jax import data as data_lib
 from elsa_jax import evaluate as evaluate_lib
 from elsa_jax import llama
+from elsa_jax import memory as memory_lib
 from elsa_jax import sharding as sharding_lib
 from elsa_jax import train
 
@@ -93,11 +94,48 @@ class LoadedModel:
   source: str
 
 
+def model_config(spec: str) -> llama.LlamaConfig:
+  """The shape of the model ``spec`` names (see :func:`load_model`), without loading its weights."""
+  if spec == DEFAULT_MODEL:
+    return llama.config_from_gguf_file(assets.default_model_path())
+  if spec.endswith(".gguf"):
+    if not os.path.exists(spec):
+      raise FileNotFoundError(f"no GGUF file at {spec}; check the --model path.")
+    return llama.config_from_gguf_file(spec)
+  return llama.config_from_pretrained(spec)
+
+
+def check_memory(
+    spec: str,
+    cfg: train.ElsaConfig,
+    mesh: jax.sharding.Mesh,
+    *,
+    remat: bool | str = False,
+    scan_layers: bool = False,
+    capacity_bytes: int | None = None,
+) -> memory_lib.MemoryPrediction | None:
+  """Refuses, before any weight is read, an ELSA run that will not fit a device.
+
+  Compiles the train step abstractly (:func:`elsa_jax.memory.predict_memory`)
+  and raises ``MemoryError`` with the numbers and the ways out when it needs
+  more than the device holds. Returns the prediction, or None where the
+  runtime reports no device memory (the CPU) and nothing is checked.
+  """
+  capacity_bytes = capacity_bytes or memory_lib.device_memory_bytes()
+  if capacity_bytes is None:
+    return None
+  prediction = memory_lib.predict_memory(model_config(spec), cfg, mesh, remat=remat, scan_layers=scan_layers)
+  logger.info("predicted per-device memory: %s", prediction.breakdown())
+  memory_lib.check_fits(prediction, capacity_bytes)
+  return prediction
+
+
 def load_model(spec: str, *, param_dtype=jnp.float32, remat: bool | str = False,
-               mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
+               scan_layers: bool = False, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
   """Loads 'default', a ``.gguf`` file, an HF directory or a hub id, with its tokenizer.
 
-  ``remat`` rematerialises each decoder layer in the backward pass. With a
+  ``remat`` rematerialises each decoder layer in the backward pass;
+  ``scan_layers`` runs the layers as one ``lax.scan`` (see :class:`elsa_jax.llama.Llama`). With a
   ``mesh``, safetensors weights are read shard by shard straight into their
   training shardings (each process reads only its devices' slices); GGUF
   files (block-quantised) are read whole and placed later.
@@ -120,6 +158,7 @@ def load_model(spec: str, *, param_dtype=jnp.float32, remat: bool | str = False,
     model, config = llama.from_pretrained(spec, param_dtype=param_dtype, shardings=shardings)
     tokenizer = AutoTokenizer.from_pretrained(spec)
   model.remat = remat
+  model.scan_layers = scan_layers
   graphdef, params = llama.split(model)
   return LoadedModel(graphdef, params, config, tokenizer, spec)
 
@@ -195,6 +234,7 @@ def prune(
     oneshot_seqlen: int | None = None,
     damp: float = 0.01,
     remat: bool | str = False,
+    scan_layers: bool = False,
 ) -> dict[str, Any]:
   """Prunes ``model`` to ``cfg.sparsity`` and writes the pruned HF model to ``output/model``.
 
@@ -223,7 +263,9 @@ def prune(
   oneshot_seqlen = oneshot_seqlen or cfg.seqlen
 
   llama.remat_policy(remat)  # an unknown policy fails before any work
-  loaded = load_model(model, remat=remat, mesh=mesh)
+  if method in ADMM_METHODS:
+    check_memory(model, cfg, mesh, remat=remat, scan_layers=scan_layers)
+  loaded = load_model(model, remat=remat, scan_layers=scan_layers, mesh=mesh)
   calib_docs = data_lib.load_documents(calib, split="calibration", text_field=text_field)
   calib_tokens = data_lib.tokenize_documents(loaded.tokenizer, calib_docs)
   windows = data_lib.CalibrationWindows(

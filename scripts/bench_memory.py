@@ -53,7 +53,7 @@ def _child(spec: dict) -> dict:
   cfg = train.ElsaConfig(batch_size=spec["batch_size"], seqlen=spec["seqlen"], steps=100, interval=2,
                          compute_dtype=spec["compute_dtype"], **STATES[spec["state"]])
   mesh = sharding.make_mesh(1, 1)
-  pred = memory.predict_memory(config, cfg, mesh, remat=spec["remat"])
+  pred = memory.predict_memory(config, cfg, mesh, remat=spec["remat"], scan_layers=spec["scan_layers"])
 
   device = jax.local_devices()[0]
   on_device = device.memory_stats() is not None
@@ -62,7 +62,7 @@ def _child(spec: dict) -> dict:
     with open("/proc/self/statm") as f:
       return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-  graphdef, abstract = memory.abstract_model(config, remat=spec["remat"])
+  graphdef, abstract = memory.abstract_model(config, remat=spec["remat"], scan_layers=spec["scan_layers"])
   axes = llama.logical_axes(llama.merge(graphdef, abstract))
   p_shard = sharding.param_shardings(axes, abstract, mesh)
   tx = train.make_optimizer(cfg)
@@ -70,12 +70,14 @@ def _child(spec: dict) -> dict:
   init = jax.jit(lambda: llama.split(llama.Llama(config, remat=spec["remat"], rngs=nnx.Rngs(0)))[1],
                  out_shardings=p_shard)
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA))
-  step = jax.jit(train.make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype)),
-                 in_shardings=(p_shard, s_shard, data),
-                 out_shardings=(p_shard, s_shard, sharding.replicated(mesh)), donate_argnums=(0, 1))
   batch_shape = jax.ShapeDtypeStruct((1, cfg.batch_size, cfg.seqlen + 1), jnp.int32, sharding=data)
   state_abstract = jax.eval_shape(tx.init, abstract)
-  compiled = step.lower(abstract, state_abstract, batch_shape).compile()  # compile before measuring
+  compiled = {}  # the steps with and without the z/u update, compiled before measuring
+  for due in (True, False):
+    step = jax.jit(train.make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype), z_update=due),
+                   in_shardings=(p_shard, s_shard, data),
+                   out_shardings=(p_shard, s_shard, sharding.replicated(mesh)), donate_argnums=(0, 1))
+    compiled[due] = step.lower(abstract, state_abstract, batch_shape).compile()
   init_compiled = init.lower().compile()
   state_init = jax.jit(tx.init, out_shardings=s_shard).lower(abstract).compile()
   time.sleep(0.5)
@@ -95,8 +97,8 @@ def _child(spec: dict) -> dict:
   opt_state = state_init(params)
   tokens = jax.device_put(np.random.default_rng(0).integers(0, config.vocab_size,
                                                             (1, cfg.batch_size, cfg.seqlen + 1), np.int32), data)
-  for _ in range(3):
-    params, opt_state, metrics = compiled(params, opt_state, tokens)
+  for due in (True, False, True):
+    params, opt_state, metrics = compiled[due](params, opt_state, tokens)
     jax.block_until_ready(metrics)
   if sampler:
     stop.set()
@@ -117,6 +119,7 @@ def main() -> None:
   ap.add_argument("--seqlen", type=int, default=256)
   ap.add_argument("--compute-dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")
   ap.add_argument("--remat", default="", help="'' (none) | full | dots | dots_no_batch")
+  ap.add_argument("--scan-layers", action="store_true", help="run the layers as one lax.scan")
   ap.add_argument("--out-dir", default="results")
   ap.add_argument("--child", help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -130,7 +133,7 @@ def main() -> None:
   for size in args.sizes.split(","):
     for state in args.states.split(","):
       spec = dict(size=size, state=state, batch_size=args.batch_size, seqlen=args.seqlen, compute_dtype=compute,
-                  remat=args.remat or False)
+                  remat=args.remat or False, scan_layers=args.scan_layers)
       out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
       lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
       if out.returncode or not lines:
@@ -142,7 +145,7 @@ def main() -> None:
             f"GiB", flush=True)
   device = rows[0]["device"]
   lines = [f"device {device}, {datetime.date.today()}, batch {args.batch_size} x {args.seqlen}, compute {compute}, "
-           f"remat {args.remat or 'none'}, measured as {rows[0]['method']}", "",
+           f"remat {args.remat or 'none'}, scan over layers {args.scan_layers}, measured as {rows[0]['method']}", "",
            "| model | state | params | state B/param | predicted GiB | measured GiB | predicted / measured |",
            "|---|---|---|---|---|---|---|"]
   for r in rows:

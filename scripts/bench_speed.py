@@ -100,7 +100,8 @@ def run_variant(args, key: str) -> dict:
   """Measures one variant in this process (so peak memory is its own)."""
   name, overrides = VARIANTS[key]
   config = llama.LlamaConfig(**SHAPES[args.model], max_position_embeddings=max(args.seqlen, 2048))
-  graphdef, params0 = llama.split(llama.Llama(config, rngs=nnx.Rngs(0), remat=args.remat))
+  graphdef, params0 = llama.split(llama.Llama(config, rngs=nnx.Rngs(0), remat=args.remat,
+                                              scan_layers=args.scan_layers))
   n_params = llama.param_count(params0)
   batch = jax.random.randint(jax.random.key(2), (1, args.batch, args.seqlen + 1), 0, config.vocab_size)
   cfg = train.ElsaConfig(sparsity=0.7, steps=10_000, batch_size=args.batch, seqlen=args.seqlen,
@@ -142,6 +143,7 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--interval", type=int, default=32)
   ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--scan-layers", action="store_true")
   ap.add_argument("--variant", choices=sorted(VARIANTS), help="measure only this one (internal)")
   ap.add_argument("--out", default="results/bench_speed.md")
   args = ap.parse_args()
@@ -161,7 +163,7 @@ def main() -> None:
   floor = rows[0]["tokens_per_s"]
   lines = [
       f"model {args.model} ({rows[0]['n_params'] / 1e6:.1f}M params, random weights), batch {args.batch} x "
-      f"{args.seqlen} tokens, bf16 compute / fp32 master, z/u interval {args.interval}, remat {args.remat}, "
+      f"{args.seqlen} tokens, bf16 compute / fp32 master, z/u interval {args.interval}, remat {args.remat}, scan {args.scan_layers}, "
       f"device {device} (measured bf16 matmul peak {rows[0]['peak_tflops']:.0f} TFLOP/s), {datetime.date.today()}",
       "",
       "| variant | step ms | tokens/s | vs Adam | MFU | z/u share | peak mem GiB | opt-state B/param |",

@@ -117,6 +117,27 @@ def test_bf16_compute_is_close_to_fp32():
   assert float(jnp.abs(a - b).max()) > 0  # really computed in bf16
 
 
+@pytest.mark.parametrize("remat", [False, "full"])
+def test_scan_over_layers_matches_the_unrolled_model(remat):
+  config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2)
+  seed = int(np.random.default_rng().integers(1 << 30))
+  graphdef, params = llama.split(llama.Llama(config, remat=remat, rngs=nnx.Rngs(seed)))
+  scan_def, scan_params = llama.split(llama.Llama(config, remat=remat, scan_layers=True, rngs=nnx.Rngs(seed)))
+  chex.assert_trees_all_equal(scan_params, params)  # same per-layer layout
+  ids = jnp.asarray(np.random.default_rng().integers(0, 64, size=(2, 12)), jnp.int32)
+
+  def loss(gd):
+    return jax.jit(jax.value_and_grad(lambda p: jnp.mean(llama.apply(gd, p, ids) ** 2)))
+
+  (l_ref, g_ref), (l_scan, g_scan) = loss(graphdef)(params), loss(scan_def)(params)
+  np.testing.assert_allclose(l_scan, l_ref, rtol=1e-5)
+  chex.assert_trees_all_close(g_scan, g_ref, rtol=1e-4, atol=1e-6)
+  hlo = jax.jit(lambda p: llama.apply(scan_def, p, ids)).lower(params).as_text()
+  assert "while" in hlo  # really a loop over the layers
+  assert "while" not in jax.jit(lambda p: llama.apply(graphdef, p, ids)).lower(params).as_text()
+
+
 def test_params_carry_logical_axes():
   config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                              num_attention_heads=4, num_key_value_heads=2)

@@ -145,6 +145,21 @@ def test_bad_inputs_fail_before_work(tiny_run, tmp_path):
   assert not (tmp_path / "o" / "model").exists()
 
 
+def test_run_that_will_not_fit_is_refused_before_loading(tiny_run, tmp_path, monkeypatch):
+  root, model_dir, calib, evalt = tiny_run
+  mesh = sharding_lib.make_mesh(1, 1)
+  fits = pipeline.check_memory(str(model_dir), _cfg(), mesh, capacity_bytes=1 << 40)
+  need = fits.total_bytes
+  assert need > 24 * fits.n_params  # fp32 w, z, u, score, Adam m, v, and more
+  # A device with half of that: prune stops before reading any weight or writing anything.
+  monkeypatch.setattr(pipeline.memory_lib, "device_memory_bytes", lambda device=None: need // 2)
+  monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+  with pytest.raises(MemoryError, match=r"needs .* GiB.*--remat.*float8"):
+    pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=tmp_path / "o",
+                   cfg=_cfg(), eval_seqlen=32, progress=False, mesh_shape=(1, 1))
+  assert not (tmp_path / "o").exists()
+
+
 def test_checkpoint_from_another_config_is_refused(tiny_run):
   root, model_dir, calib, evalt = tiny_run
   out = root / "cfg-mismatch"

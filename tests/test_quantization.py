@@ -102,3 +102,18 @@ def test_adam_lowp_state_and_convergence(moment_dtype):
   assert ours < 2.0 * ref + 1e-8 * start
   nu = state[0].nu["w"]
   assert nu.dtype == (jnp.uint8 if moment_dtype == "int8" else jnp.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(256, 64), (300, 7), (5,)])
+def test_zero_encodings_equal_encoded_zeros(shape):
+  """The initial states are built, not quantised (no constant folding at compile time)."""
+  zeros = jnp.zeros(shape, jnp.float32)
+  for axis in (None, 0):
+    chex.assert_trees_all_equal(
+        elsa_jax.quantize_scaled(zeros, jnp.float8_e4m3fn, axis=axis),
+        quant.scaled_zeros(shape, jnp.float8_e4m3fn, axis=axis),
+    )
+  for signed in (True, False):
+    chex.assert_trees_all_equal(
+        elsa_jax.quantize_blockwise(zeros, signed=signed), quant.blockwise_zeros(shape, signed=signed)
+    )

@@ -96,6 +96,15 @@ def _tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
   return out
 
 
+def config_from_pretrained(path_or_hub_id: str | os.PathLike) -> LlamaConfig:
+  """The :class:`LlamaConfig` of an HF directory (or hub id), without reading any weight."""
+  directory = _resolve(path_or_hub_id)
+  config_file = directory / "config.json"
+  if not config_file.exists():
+    raise FileNotFoundError(f"{directory} has no config.json; it is not an HF model directory.")
+  return LlamaConfig.from_hf(json.loads(config_file.read_text()))
+
+
 def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
                     remat: bool = False, shardings: Any = None) -> tuple[Llama, LlamaConfig]:
   """Loads an HF LLaMA (config.json + safetensors, sharded or not) as an NNX model.
@@ -128,10 +137,7 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtyp
   from safetensors import safe_open
 
   directory = _resolve(path_or_hub_id)
-  config_file = directory / "config.json"
-  if not config_file.exists():
-    raise FileNotFoundError(f"{directory} has no config.json; it is not an HF model directory.")
-  config = LlamaConfig.from_hf(json.loads(config_file.read_text()))
+  config = config_from_pretrained(directory)
   abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, param_dtype=param_dtype, remat=remat))
   graphdef, shapes = split(abstract)
   names = flax_path(shapes)

@@ -72,6 +72,16 @@ def config_from_gguf(reader) -> LlamaConfig:
   )
 
 
+def config_from_gguf_file(path: str | os.PathLike) -> LlamaConfig:
+  """The :class:`LlamaConfig` of a GGUF file, from its metadata (no tensor is read)."""
+  import gguf
+
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"no such GGUF file: {str(path)!r}.")
+  return config_from_gguf(gguf.GGUFReader(path))
+
+
 def from_gguf(path: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
               remat: bool = False) -> tuple[Llama, LlamaConfig]:
   """Loads a LLaMA from a GGUF file, dequantising every tensor.

@@ -202,6 +202,12 @@ class Llama(nnx.Module):
       every matmul output) or ``"dots_no_batch"`` (keep matmul outputs without
       batch dimensions, i.e. the projections' outputs, not attention scores).
       See :data:`REMAT_POLICIES`.
+    scan_layers: run the decoder layers as one :func:`jax.lax.scan` over their
+      stacked weights instead of unrolling them. The parameters keep their
+      per-layer layout (``layers/0``, ``layers/1``, ...: conversion, export,
+      per-matrix pruning and sharding rules are unchanged); the weights are
+      stacked inside the step, in the compute dtype. XLA then compiles one
+      layer instead of all of them (compile time independent of depth).
     rngs: initialisation randomness.
 
   Example::
@@ -212,12 +218,13 @@ class Llama(nnx.Module):
   """
 
   def __init__(self, config: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, remat: bool | str = False,
-               rngs: nnx.Rngs | None = None):
+               scan_layers: bool = False, rngs: nnx.Rngs | None = None):
     rngs = nnx.Rngs(0) if rngs is None else rngs
     remat_policy(remat)  # validates
     self.config = config
     self.dtype = dtype
     self.remat = remat
+    self.scan_layers = scan_layers
     self.embed_tokens = nnx.Embed(
         config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
         embedding_init=_partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")), rngs=rngs,
@@ -241,12 +248,28 @@ class Llama(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     x = self.embed(input_ids)
+    if getattr(self, "scan_layers", False) and len(self.layers) > 1:
+      return self.norm(self._scanned_layers(x, positions))
     for layer in self.layers:
       if self.remat:
         x = nnx.remat(lambda mdl, h, p: mdl(h, p), policy=remat_policy(self.remat))(layer, x, positions)
       else:
         x = layer(x, positions)
     return self.norm(x)
+
+  def _scanned_layers(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """The decoder layers as one ``lax.scan`` over their stacked weights."""
+    graphdef, _ = nnx.split(self.layers[0])
+    states = [nnx.split(layer)[1] for layer in self.layers]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+    def body(h, state):
+      return nnx.merge(graphdef, state)(h, positions), None
+
+    if self.remat:
+      body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, stacked)
+    return x
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
     """Next-token logits ``[B, T, vocab]`` in float32."""
