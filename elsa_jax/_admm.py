@@ -773,11 +773,10 @@ def admm(
     base_updates, base_state = base.update(grads, state.base_state, params, **extra_args)
 
     def zu_update():
-      new_params = optax.apply_updates(params, base_updates)
-      flat, treedef = jax.tree_util.tree_flatten_with_path(new_params)
+      flat, treedef = jax.tree_util.tree_flatten_with_path(params)
       leaves = treedef.flatten_up_to
-      if use_ema:
-        v = [_decode_score(q, s) for q, s in zip(leaves(score), leaves(score_scale))]
+      if use_ema:  # decoded inside each group, from its stored form
+        v = list(zip(leaves(score), leaves(score_scale)))
       elif use_base_nu:
         found, nu = _low_precision.find_second_moment(base_state)
         if not found:
@@ -787,35 +786,69 @@ def admm(
         v = [_fixed_leaf(fixed_at, path, w) for path, w in flat]
       else:
         v = [None] * len(flat)
+      steps = leaves(base_updates)
+      total = lambda xs: sum(xs, jnp.zeros([], jnp.float32))
       kept = [i for i, k in enumerate(leaves(keep)) if k]
-      u_l, z_l = leaves(u32), leaves(z32)
-      w = [flat[i][1].astype(jnp.float32) for i in kept]
-      y = [w_ + u_l[i] for w_, i in zip(w, kept)]
-      scores = [
-          _projection.magnitude_score(y_) if v[i] is None
-          else _projection.objective_aware_score(y_, v[i])
-          for y_, i in zip(y, kept)
-      ]
-      masks = masks_of(scores, [leaf_sparsity(flat[i][0], count) for i in kept])
-      z = [jnp.where(m, y_, 0.0) for m, y_ in zip(masks, y)]
-      u_next = [u_l[i] + w_ - z_ for i, w_, z_ in zip(kept, w, z)]
+      u_q_l, u_s_l = leaves(u_q), leaves(u_s)
+      z_q_l, z_s_l = leaves(state.z), leaves(state.z_scale)
+      out = [leaves(t) for t in (state.z, state.z_scale, u_q, u_s)]
+
+      def group_update(members, w, dw, u_in, z_in, z_sc, v_in):
+        """The z/u update of some prunable leaves, from their stored state."""
+        u_prev = [_decode_state(q, sc) for q, sc in u_in]
+        z_prev = [_decode_state(q, sc) for q, sc in zip(z_in, z_sc)]
+        if use_ema:
+          v_in = [_decode_score(q, sc) for q, sc in v_in]
+        # The weights right after the base step.
+        w = [optax.apply_updates(w_, d).astype(jnp.float32) for w_, d in zip(w, dw)]
+        y = [w_ + u_ for w_, u_ in zip(w, u_prev)]
+        scores = [
+            _projection.magnitude_score(y_) if v_ is None
+            else _projection.objective_aware_score(y_, v_)
+            for y_, v_ in zip(y, v_in)
+        ]
+        masks = masks_of(scores, [leaf_sparsity(flat[i][0], count) for i in members])
+        z = [jnp.where(m, y_, 0.0) for m, y_ in zip(masks, y)]
+        u_next = [u_ + w_ - z_ for u_, w_, z_ in zip(u_prev, w, z)]
+        sums = jnp.stack([
+            total([jnp.sum(jnp.square(w_ - z_)) for w_, z_ in zip(w, z)]),
+            total([jnp.sum(jnp.square(w_)) for w_ in w]),
+            total([jnp.sum(jnp.square(z_ - zp)) for z_, zp in zip(z, z_prev)]),
+            total([jnp.sum((z_ != 0) != (zp != 0), dtype=jnp.float32) for z_, zp in zip(z, z_prev)]),
+        ])
+        encoded = [(_encode_state(z_, state_dtype, scale_axis), _encode_state(un, state_dtype, scale_axis))
+                   for z_, un in zip(z, u_next)]
+        return encoded, sums
+
+      # The update runs group by group (the groups of the joint bisection), so
+      # that XLA can free one group's float32 temporaries (y, scores, z, u)
+      # before it builds the next group's.
+      sums = jnp.zeros(4, jnp.float32)
+      for members in _projection.leaf_groups([flat[i][1].size for i in kept]):
+        members = [kept[j] for j in members]
+        inputs = (
+            [flat[i][1] for i in members],
+            [steps[i] for i in members],
+            [(u_q_l[i], u_s_l[i]) for i in members],
+            [z_q_l[i] for i in members],
+            [z_s_l[i] for i in members],
+            [v[i] for i in members],
+        )
+        encoded, group_sums = group_update(members, *inputs)
+        sums = sums + group_sums
+        for i, ((zq, zs), (uq, us)) in zip(members, encoded):
+          out[0][i], out[1][i], out[2][i], out[3][i] = zq, zs, uq, us
 
       # Convergence signals over all prunable entries.
-      total = lambda xs: sum(xs, jnp.zeros([], jnp.float32))
-      primal = jnp.sqrt(total([jnp.sum(jnp.square(w_ - z_)) for w_, z_ in zip(w, z)]))
-      norm_w = jnp.sqrt(total([jnp.sum(jnp.square(w_)) for w_ in w]))
-      dual = lmda_now * jnp.sqrt(
-          total([jnp.sum(jnp.square(z_ - z_l[i])) for i, z_ in zip(kept, z)])
-      )
-      flips = total([
-          jnp.sum((z_ != 0) != (z_l[i] != 0), dtype=jnp.float32) for i, z_ in zip(kept, z)
-      ])
-      n = max(1, sum(math.prod(w_.shape) for w_ in w))
+      primal = jnp.sqrt(sums[0])
+      norm_w = jnp.sqrt(sums[1])
+      dual = lmda_now * jnp.sqrt(sums[2])
+      n = max(1, sum(math.prod(flat[i][1].shape) for i in kept))
       signals = (
           primal / jnp.maximum(norm_w, jnp.finfo(jnp.float32).tiny),
           primal,
           dual,
-          flips / n,
+          sums[3] / n,
       )
       factor = state.lmda_factor
       if lmda_schedule == "residual_balancing":
@@ -823,11 +856,6 @@ def admm(
         down = dual > balance_mu * primal
         factor = factor * jnp.where(up, balance_tau, jnp.where(down, 1.0 / balance_tau, 1.0))
 
-      # Store with fresh scales; non-prunable leaves keep their placeholders.
-      out = [leaves(t) for t in (state.z, state.z_scale, u_q, u_s)]
-      for j, i in enumerate(kept):
-        out[0][i], out[1][i] = _encode_state(z[j], state_dtype, scale_axis)
-        out[2][i], out[3][i] = _encode_state(u_next[j], state_dtype, scale_axis)
       return (*(treedef.unflatten(o) for o in out), _as_f32(factor), signals)
 
     def hold():

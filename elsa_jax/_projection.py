@@ -335,8 +335,37 @@ def check_nm(shape: tuple[int, ...], n: int, m: int, axis: int = 0) -> None:
 
 
 # Arrays projected together share one bisection loop (fewer loops to compile
-# and run); groups are capped so that their scores stay a bounded transient.
-MAX_JOINT_ENTRIES = 2**27
+# and run); groups are capped so that their transients (the scores, stacked,
+# and the integer keys XLA hoists out of the loop) stay a small, bounded share
+# of device memory: 2**22 entries are ~16 MiB per float32 copy.
+MAX_JOINT_ENTRIES = 2**22
+
+
+def leaf_groups(sizes, max_joint_entries: int = MAX_JOINT_ENTRIES) -> list[list[int]]:
+  """Splits consecutive arrays into groups of at most ``max_joint_entries`` entries.
+
+  An array larger than the cap forms a group of its own.
+
+  Example:
+    >>> from elsa_jax._projection import leaf_groups
+    >>> leaf_groups([4, 4, 4, 10, 1], max_joint_entries=8)
+    [[0, 1], [2], [3], [4]]
+
+  Args:
+    sizes: the number of entries of each array.
+    max_joint_entries: the cap.
+
+  Returns:
+    Lists of indices into ``sizes``, in order.
+  """
+  groups, size = [], 0
+  for i, n in enumerate(sizes):
+    if not groups or (size and size + n > max_joint_entries):
+      groups.append([])
+      size = 0
+    groups[-1].append(i)
+    size += n
+  return groups
 
 
 def sparsity_masks(
@@ -387,14 +416,11 @@ def sparsity_masks(
       n = score.shape[a]
     ks.append(n - num_pruned(n, sparsity))
     axes.append(a)
-  masks, start, size = [], 0, 0
-  for i, score in enumerate(scores + [None]):
-    if score is None or (size and size + score.size > max_joint_entries):
-      if i > start:
-        masks.extend(_stacked_topk_masks(scores[start:i], ks[start:i], axes[start:i]))
-      start, size = i, 0
-    if score is not None:
-      size += score.size
+  masks = []
+  for group in leaf_groups([s.size for s in scores], max_joint_entries):
+    masks.extend(_stacked_topk_masks(
+        [scores[i] for i in group], [ks[i] for i in group], [axes[i] for i in group]
+    ))
   return masks
 
 
