@@ -824,7 +824,8 @@ def admm(
       # that XLA can free one group's float32 temporaries (y, scores, z, u)
       # before it builds the next group's.
       sums = jnp.zeros(4, jnp.float32)
-      for members in _projection.leaf_groups([flat[i][1].size for i in kept]):
+      sizes = [flat[i][1].size for i in kept]
+      for members in _projection.leaf_groups(sizes, _projection.MAX_JOINT_ENTRIES):
         members = [kept[j] for j in members]
         inputs = (
             [flat[i][1] for i in members],

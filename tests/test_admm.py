@@ -551,3 +551,27 @@ def test_clear_errors():
   nan["layers"][0]["mlp"]["up_proj"]["kernel"] = jnp.full((16, 32), jnp.nan)
   with pytest.raises(ValueError, match="contains NaN"):
     elsa_jax.finalize(nan, sparsity=0.5, projection="magnitude")
+
+
+def test_group_by_group_z_update_equals_the_joint_one(monkeypatch):
+  """Leaves updated in groups (here one per group) give the z, u and metrics of one joint group."""
+  from elsa_jax import _projection
+
+  r = np.random.default_rng()
+  params = {"layers": {str(i): {"kernel": jnp.asarray(r.normal(size=(16, 8 * (i + 1))), jnp.float32)}
+                       for i in range(3)}}
+  grads = jax.tree.map(lambda p: jnp.asarray(r.normal(size=p.shape), jnp.float32), params)
+
+  def one_step():
+    tx = elsa_jax.admm(optax.adam(1e-2), sparsity=0.6, interval=1)
+    state = tx.init(params)
+    _, state = jax.jit(tx.update)(grads, state, params)
+    return state
+
+  joint = one_step()
+  monkeypatch.setattr(_projection, "MAX_JOINT_ENTRIES", 16 * 8)
+  assert len(_projection.leaf_groups([p.size for p in jax.tree.leaves(params)], 16 * 8)) == 3
+  grouped = one_step()
+  chex.assert_trees_all_equal((grouped.z, grouped.u), (joint.z, joint.u))
+  chex.assert_trees_all_close(grouped.metrics, joint.metrics, rtol=1e-6)
+  assert float(joint.metrics.rel_gap) > 0
