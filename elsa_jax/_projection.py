@@ -136,12 +136,15 @@ def _topk_cuts(scores, ks, axes):
   One loop of counting passes shared by all arrays. Steps ``0..31`` bisect
   the uint32 key for the largest ``t`` with ``count(key >= t) >= k`` (the
   invariant holds at ``t = 0``; each step halves ``[lo, hi]``, so 32 steps
-  reach one value). The remaining ``ceil(log2(n + 1))`` steps bisect the
-  position for the smallest ``p`` with ``count(key > t) + count(key == t,
-  position < p) >= k``. ``(t, p)`` is thus the k-th entry in the order (key
-  descending, position ascending): exactly ``k`` entries rank at or above
-  it. Steps past convergence leave the bounds unchanged. Keys and positions
-  are recomputed inside the loop, so nothing but the bounds is stored.
+  reach one value). When exactly ``k`` entries then have ``key >= t`` (no tie
+  straddles the cut, the common case for trained float scores), ``p`` is the
+  length and the array is done. Otherwise further steps bisect the position
+  for the smallest ``p`` with ``count(key > t) + count(key == t, position <
+  p) >= k``, at most ``ceil(log2(n + 1))`` of them; the loop stops as soon as
+  every array is done. ``(t, p)`` is thus the k-th entry in the order (key
+  descending, position ascending): exactly ``k`` entries rank at or above it.
+  Keys and positions are recomputed inside the loop, so nothing but the
+  bounds is stored.
   """
   lengths = [
       math.prod(s.shape[d] for d in _competing_axes(s.ndim, a)) for s, a in zip(scores, axes)
@@ -150,15 +153,16 @@ def _topk_cuts(scores, ks, axes):
   position_steps = max(1, max(math.ceil(math.log2(n + 1)) for n in lengths))
   bounds = tuple(
       (
-          jnp.zeros(_reduced_shape(s.shape, a), jnp.uint32),
-          jnp.full(_reduced_shape(s.shape, a), jnp.iinfo(jnp.uint32).max, jnp.uint32),
-          jnp.zeros(_reduced_shape(s.shape, a), jnp.int32),
-          jnp.full(_reduced_shape(s.shape, a), n, jnp.int32),
+          jnp.zeros(_reduced_shape(s.shape, a), jnp.uint32),  # lo_t
+          jnp.full(_reduced_shape(s.shape, a), jnp.iinfo(jnp.uint32).max, jnp.uint32),  # hi_t
+          jnp.zeros(_reduced_shape(s.shape, a), jnp.int32),  # lo_p
+          jnp.full(_reduced_shape(s.shape, a), n, jnp.int32),  # hi_p
+          jnp.full(_reduced_shape(s.shape, a), n, jnp.int32),  # count(key >= lo_t)
       )
       for s, a, n in zip(scores, axes, lengths)
   )
 
-  def step(i, score, k, axis, length, lo_t, hi_t, lo_p, hi_p):
+  def step(i, score, k, axis, length, lo_t, hi_t, lo_p, hi_p, at_lo):
     on_value = i < value_steps
     width = hi_t - lo_t
     mid_t = lo_t + (width >> 1) + (width & 1)  # upper middle, no overflow
@@ -167,22 +171,32 @@ def _topk_cuts(scores, ks, axes):
     p = jnp.where(on_value, length, mid_p)
     keys = _sortable_key(score)
     ranked = (keys > t) | ((keys == t) & (_positions(score.shape, axis) < p))
-    enough = jnp.sum(
-        ranked, axis=_competing_axes(score.ndim, axis), keepdims=True, dtype=jnp.int32
-    ) >= k
+    count = jnp.sum(ranked, axis=_competing_axes(score.ndim, axis), keepdims=True, dtype=jnp.int32)
+    enough = count >= k
+    at_lo = jnp.where(on_value & enough, count, at_lo)
+    lo_p = jnp.where(~on_value & ~enough, mid_p + 1, lo_p)
+    # At the end of the value steps: no tie straddles the cut -> done.
+    lo_p = jnp.where((i == value_steps - 1) & (at_lo == k), length, lo_p)
     return (
         jnp.where(on_value & enough, mid_t, lo_t),
         jnp.where(on_value & ~enough, mid_t - 1, hi_t),
-        jnp.where(~on_value & ~enough, mid_p + 1, lo_p),
+        lo_p,
         jnp.where(~on_value & enough, mid_p, hi_p),
+        at_lo,
     )
 
-  def body(i, bounds):
-    return tuple(
+  def cond(carry):
+    i, bounds = carry
+    pending = functools.reduce(jnp.logical_or, [jnp.any(b[2] < b[3]) for b in bounds])
+    return (i < value_steps) | ((i < value_steps + position_steps) & pending)
+
+  def body(carry):
+    i, bounds = carry
+    return i + 1, tuple(
         step(i, s, k, a, n, *b) for s, k, a, n, b in zip(scores, ks, axes, lengths, bounds)
     )
 
-  bounds = jax.lax.fori_loop(0, value_steps + position_steps, body, bounds)
+  _, bounds = jax.lax.while_loop(cond, body, (jnp.zeros([], jnp.int32), bounds))
   return [(b[0], b[3]) for b in bounds]
 
 

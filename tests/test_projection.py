@@ -45,6 +45,21 @@ def test_topk_matches_sort_reference_with_ties(levels):
     np.testing.assert_array_equal(mask, _sort_reference(score, k_row, axis))
 
 
+def test_joint_bisection_mixes_arrays_with_and_without_ties_at_the_cut():
+  """Arrays that finish after the value steps and arrays that need the position steps share one loop."""
+  rng = np.random.default_rng()
+  distinct = rng.normal(size=(40, 24)).astype(np.float32)  # no tie at any cut
+  tied = rng.integers(0, 3, size=(24, 40)).astype(np.float32)  # ties straddle the cut
+  rows = np.where(np.arange(40)[None, :] < 20, rng.integers(0, 2, size=(16, 40)),
+                  rng.normal(size=(16, 40))).astype(np.float32).T  # some columns tied, some not
+  ks = [int(rng.integers(1, distinct.size)), int(rng.integers(1, tied.size)), 5]
+  masks = jax.jit(lambda s, k: elsa_jax.topk_masks(s, k, (None, None, 0)))(
+      [jnp.asarray(distinct), jnp.asarray(tied), jnp.asarray(rows)], ks)
+  np.testing.assert_array_equal(masks[0], _sort_reference(distinct, ks[0]))
+  np.testing.assert_array_equal(masks[1], _sort_reference(tied, ks[1]))
+  np.testing.assert_array_equal(masks[2], _sort_reference(rows, 5, axis=0))
+
+
 def test_topk_orders_special_values():
   x = jnp.array([-jnp.inf, -1.0, -0.0, 0.0, 1e-45, 2.0, jnp.inf, -1e-45])
   # Float order: -inf < -1 < -1e-45 < -0 < 0 < 1e-45 < 2 < inf.
