@@ -2,7 +2,7 @@
 """Perplexity of pruning methods across sparsities, on one model, calibration set and held-out text.
 
 Writes ``results/quality-<preset>.md`` (a markdown table) and, where matplotlib
-is installed, ``results/quality-<preset>.png`` (perplexity vs sparsity, log
+is installed (the ``bench`` extra), ``results/quality-<preset>.png`` (perplexity vs sparsity, log
 scale). Every cell is one ``elsa_jax.pipeline.prune`` run with the same
 calibration and evaluation text.
 
@@ -45,6 +45,11 @@ def main() -> None:
   ap.add_argument("--steps", type=int, help="override the preset's ELSA steps")
   ap.add_argument("--lmda", type=float)
   ap.add_argument("--lr", type=float)
+  ap.add_argument("--interval", type=int, help="override the preset's z/u interval")
+  ap.add_argument("--score-source", choices=("grad_ema", "base_second_moment"),
+                  help="ELSA's projection score (default: the preset's, grad_ema)")
+  ap.add_argument("--lmda-schedule", choices=("constant", "residual_balancing"))
+  ap.add_argument("--tag", default="", help="suffix of the output files, to keep the tables of a sweep apart")
   ap.add_argument("--eval-windows", type=int)
   ap.add_argument("--init-method", help="start of elsa/safe: dense | wanda | sparsegpt | magnitude "
                                         "(default: wanda for the cpu preset, dense otherwise)")
@@ -53,7 +58,9 @@ def main() -> None:
   args = ap.parse_args()
 
   preset = pipeline.PRESETS[args.preset]
-  overrides = {k: v for k, v in dict(steps=args.steps, lmda=args.lmda, lr=args.lr).items() if v is not None}
+  overrides = {k: v for k, v in dict(steps=args.steps, lmda=args.lmda, lr=args.lr, interval=args.interval,
+                                     score_source=args.score_source,
+                                     lmda_schedule=args.lmda_schedule).items() if v is not None}
   fields = {f.name for f in dataclasses.fields(train.ElsaConfig)}
   base = train.ElsaConfig(**{**{k: v for k, v in preset.items() if k in fields}, **overrides})
   init_method = args.init_method or ("wanda" if args.preset == "cpu" else "dense")
@@ -72,7 +79,7 @@ def main() -> None:
     cfg = (dataclasses.replace(base, pattern=target) if ":" in target
            else dataclasses.replace(base, sparsity=float(target)))
     for method in methods:
-      run_dir = out_dir / "runs" / f"{args.preset}-{method}-{target.replace(':', 'of')}"
+      run_dir = out_dir / "runs" / f"{args.preset}{args.tag and '-' + args.tag}-{method}-{target.replace(':', 'of')}"
       try:
         summary = pipeline.prune(
             model=args.model, output=run_dir, cfg=cfg, method=method, eval_seqlen=eval_seqlen,
@@ -94,7 +101,7 @@ def main() -> None:
   lines = [
       f"model {args.model}, preset {args.preset} (ELSA/SAFE {base.steps} steps x {base.batch_size} x "
       f"{base.seqlen} tokens from {init_method}, lr {base.lr}, lmda {base.lmda}, interval {base.interval}, "
-      f"score {base.score_source}, SAFE rho {pipeline.SAFE_RHO}; Wanda/SparseGPT {oneshot_windows} windows x "
+      f"score {base.score_source}, lmda schedule {base.lmda_schedule}, SAFE rho {pipeline.SAFE_RHO}; Wanda/SparseGPT {oneshot_windows} windows x "
       f"{base.seqlen}), "
       f"eval seqlen {eval_seqlen}, windows {eval_windows or 'all'}, device {device}, {datetime.date.today()}, "
       f"dense perplexity {dense:.3f}",
@@ -111,11 +118,12 @@ def main() -> None:
     lines.append(f"| {label} | " + " | ".join("-" if c is None else _fmt(c) for c in cells) + " |")
   table = "\n".join(lines)
   print(table)
-  (out_dir / f"quality-{args.preset}.md").write_text(table + "\n")
-  (out_dir / f"quality-{args.preset}.json").write_text(json.dumps(
+  stem = f"quality-{args.preset}{args.tag and '-' + args.tag}"
+  (out_dir / f"{stem}.md").write_text(table + "\n")
+  (out_dir / f"{stem}.json").write_text(json.dumps(
       {"dense": dense, "init_method": init_method, "results": {f"{m}@{t}": v for (m, t), v in results.items()},
        "wall_seconds": seconds}, indent=2))
-  _plot(results, dense, methods, [t for t in targets if ":" not in t], out_dir / f"quality-{args.preset}.png")
+  _plot(results, dense, methods, [t for t in targets if ":" not in t], out_dir / f"{stem}.png")
 
 
 def _fmt(x: float) -> str:
@@ -131,6 +139,7 @@ def _plot(results, dense, methods, fractions, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
+    print("no plot: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
     return
   fig, ax = plt.subplots(figsize=(6, 4))
   xs = [float(t) for t in fractions]
