@@ -791,6 +791,8 @@ def admm(
       kept = [i for i, k in enumerate(leaves(keep)) if k]
       u_q_l, u_s_l = leaves(u_q), leaves(u_s)
       z_q_l, z_s_l = leaves(state.z), leaves(state.z_scale)
+      # z, z_scale, u, u_scale: prunable leaves are re-encoded with fresh scales
+      # below; the others keep their placeholders.
       out = [leaves(t) for t in (state.z, state.z_scale, u_q, u_s)]
 
       def group_update(members, w, dw, u_in, z_in, z_sc, v_in):
