@@ -846,7 +846,7 @@ def admm(
       primal = jnp.sqrt(sums[0])
       norm_w = jnp.sqrt(sums[1])
       dual = lmda_now * jnp.sqrt(sums[2])
-      n = max(1, sum(math.prod(flat[i][1].shape) for i in kept))
+      n = max(1, sum(sizes))
       signals = (
           primal / jnp.maximum(norm_w, jnp.finfo(jnp.float32).tiny),
           primal,

@@ -73,11 +73,13 @@ def predict_memory(
     remat: bool | str = False,
     scan_layers: bool = False,
     rules: dict[str, str | None] | None = None,
+    z_update: bool = True,
 ) -> MemoryPrediction:
   """Compiles the ELSA train step abstractly and returns its per-device memory.
 
-  The step compiled is the one with the z/u update (``z_update=True``), the
-  run's peak: the steps between updates do the same work without the projection.
+  By default the step compiled is the one with the z/u update
+  (``z_update=True``), the run's peak; ``z_update=False`` gives the steps in
+  between, which do the same work without the projection and dual update.
   """
   rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
   graphdef, params = abstract_model(config, remat=remat, scan_layers=scan_layers)
@@ -92,7 +94,7 @@ def predict_memory(
   data_shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.DATA))
   batch = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.seqlen + 1), jnp.int32, sharding=data_shard)
   step = jax.jit(
-      train.make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype), z_update=True),
+      train.make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype), z_update=z_update),
       in_shardings=(p_shard, s_shard, data_shard),
       out_shardings=(p_shard, s_shard, sharding_lib.replicated(mesh)),
       donate_argnums=(0, 1),

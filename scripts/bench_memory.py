@@ -57,6 +57,8 @@ def _child(spec: dict) -> dict:
                          compute_dtype=spec["compute_dtype"], **STATES[spec["state"]])
   mesh = sharding.make_mesh(1, 1)
   pred = memory.predict_memory(config, cfg, mesh, remat=spec["remat"], scan_layers=spec["scan_layers"])
+  plain = memory.predict_memory(config, cfg, mesh, remat=spec["remat"], scan_layers=spec["scan_layers"],
+                                z_update=False)
 
   device = jax.local_devices()[0]
   on_device = device.memory_stats() is not None
@@ -110,6 +112,7 @@ def _child(spec: dict) -> dict:
   else:
     measured = device.memory_stats()["peak_bytes_in_use"] - base
   return dict(spec, predicted=pred.total_bytes, measured=int(measured), n_params=pred.n_params,
+              argument_bytes=pred.argument_bytes, temp_bytes=pred.temp_bytes, plain_temp_bytes=plain.temp_bytes,
               state_bytes_per_param=pred.state_bytes_per_param, device=device.device_kind,
               method="peak_bytes_in_use" if on_device else "process RSS")
 
@@ -149,11 +152,13 @@ def main() -> None:
   device = rows[0]["device"]
   lines = [f"device {device}, {datetime.date.today()}, batch {args.batch_size} x {args.seqlen}, compute {compute}, "
            f"remat {args.remat or 'none'}, scan over layers {args.scan_layers}, measured as {rows[0]['method']}", "",
-           "| model | state | params | state B/param | predicted GiB | measured GiB | predicted / measured |",
-           "|---|---|---|---|---|---|---|"]
+           "| model | state | params | state B/param | arguments MiB | temporaries MiB, plain step | "
+           "temporaries MiB, z step | predicted GiB | measured GiB | predicted / measured |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['size']} | {r['state']} | {r['n_params'] / 1e6:.1f}M | {r['state_bytes_per_param']:.2f} | "
-                 f"{r['predicted'] / 2**30:.3f} | {r['measured'] / 2**30:.3f} | {r['predicted'] / r['measured']:.3f} |")
+                 f"{r['argument_bytes'] / 2**20:,.0f} | {r['plain_temp_bytes'] / 2**20:,.0f} | "
+                 f"{r['temp_bytes'] / 2**20:,.0f} | {r['predicted'] / 2**30:.3f} | {r['measured'] / 2**30:.3f} | {r['predicted'] / r['measured']:.3f} |")
   table = "\n".join(lines)
   print(table)
   out_dir = pathlib.Path(args.out_dir)

@@ -68,6 +68,7 @@ def main() -> None:
   eval_seqlen = preset["eval_seqlen"]
   eval_windows = preset["eval_windows"] if args.eval_windows is None else args.eval_windows
   out_dir = pathlib.Path(args.out_dir)
+  name = args.preset + (f"-{args.tag}" if args.tag else "")  # of every file and run folder written
   out_dir.mkdir(parents=True, exist_ok=True)
   methods = args.methods.split(",")
   targets = args.sparsities.split(",")
@@ -79,7 +80,7 @@ def main() -> None:
     cfg = (dataclasses.replace(base, pattern=target) if ":" in target
            else dataclasses.replace(base, sparsity=float(target)))
     for method in methods:
-      run_dir = out_dir / "runs" / f"{args.preset}{args.tag and '-' + args.tag}-{method}-{target.replace(':', 'of')}"
+      run_dir = out_dir / "runs" / f"{name}-{method}-{target.replace(':', 'of')}"
       try:
         summary = pipeline.prune(
             model=args.model, output=run_dir, cfg=cfg, method=method, eval_seqlen=eval_seqlen,
@@ -118,7 +119,7 @@ def main() -> None:
     lines.append(f"| {label} | " + " | ".join("-" if c is None else _fmt(c) for c in cells) + " |")
   table = "\n".join(lines)
   print(table)
-  stem = f"quality-{args.preset}{args.tag and '-' + args.tag}"
+  stem = f"quality-{name}"
   (out_dir / f"{stem}.md").write_text(table + "\n")
   (out_dir / f"{stem}.json").write_text(json.dumps(
       {"dense": dense, "init_method": init_method, "results": {f"{m}@{t}": v for (m, t), v in results.items()},
