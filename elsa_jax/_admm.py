@@ -58,6 +58,7 @@ import optax
 
 from elsa_jax import _low_precision
 from elsa_jax import _projection
+from elsa_jax import _scheduling
 from elsa_jax import _quantization as quant
 
 _EMPTY = (0,)
@@ -542,6 +543,16 @@ def admm(
   does. ``z_update`` overrides the schedule: it is the caller's to keep them
   in step.
 
+  ``z_update="deferred"`` runs the z/u update on its own, as a separate
+  program, so that its temporaries never coexist with the gradients, the
+  activations and the base optimizer's: make the update due at step ``t``
+  with ``z_update=False``, apply it, then call
+  ``tx.update(updates, state, new_params, z_update="deferred")``, which
+  returns ``updates`` untouched (ignore them) and the state after the z/u
+  update of step ``t``, taken at ``w' = new_params``: the same state as
+  ``z_update=True`` at step ``t`` gives, provided ``admm``'s updates are
+  applied as they are (nothing after it in the chain).
+
   Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> import elsa_jax
@@ -724,10 +735,12 @@ def admm(
   def update_fn(updates, state, params=None, *, z_update=None, **extra_args):
     if params is None:
       raise ValueError("admm needs the params: call tx.update(grads, state, params).")
+    if isinstance(z_update, str) and z_update == "deferred":
+      return updates, deferred_zu_update(state, params)
     if z_update is not None and not isinstance(z_update, (bool, np.bool_)):
       raise TypeError(
-          f"z_update must be None or a Python bool (static under jit), got {type(z_update).__name__}; "
-          "leave it None to let the step count decide on the device."
+          f"z_update must be None, a Python bool (static under jit) or 'deferred', got "
+          f"{z_update!r}; leave it None to let the step count decide on the device."
       )
     count = state.count
     keep = jax.tree_util.tree_map_with_path(prunable_leaf, params)
@@ -773,93 +786,9 @@ def admm(
     base_updates, base_state = base.update(grads, state.base_state, params, **extra_args)
 
     def zu_update():
-      flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-      leaves = treedef.flatten_up_to
-      if use_ema:  # decoded inside each group, from its stored form
-        v = list(zip(leaves(score), leaves(score_scale)))
-      elif use_base_nu:
-        found, nu = _low_precision.find_second_moment(base_state)
-        if not found:
-          raise _no_second_moment_error(base_state)
-        v = leaves(nu)
-      elif use_fixed:
-        v = [_fixed_leaf(fixed_at, path, w) for path, w in flat]
-      else:
-        v = [None] * len(flat)
-      steps = leaves(base_updates)
-      total = lambda xs: sum(xs, jnp.zeros([], jnp.float32))
-      kept = [i for i, k in enumerate(leaves(keep)) if k]
-      u_q_l, u_s_l = leaves(u_q), leaves(u_s)
-      z_q_l, z_s_l = leaves(state.z), leaves(state.z_scale)
-      # z, z_scale, u, u_scale: prunable leaves are re-encoded with fresh scales
-      # below; the others keep their placeholders.
-      out = [leaves(t) for t in (state.z, state.z_scale, u_q, u_s)]
-
-      def group_update(members, w, dw, u_in, z_in, z_sc, v_in):
-        """The z/u update of some prunable leaves, from their stored state."""
-        u_prev = [_decode_state(q, sc) for q, sc in u_in]
-        z_prev = [_decode_state(q, sc) for q, sc in zip(z_in, z_sc)]
-        if use_ema:
-          v_in = [_decode_score(q, sc) for q, sc in v_in]
-        # The weights right after the base step.
-        w = [optax.apply_updates(w_, d).astype(jnp.float32) for w_, d in zip(w, dw)]
-        y = [w_ + u_ for w_, u_ in zip(w, u_prev)]
-        scores = [
-            _projection.magnitude_score(y_) if v_ is None
-            else _projection.objective_aware_score(y_, v_)
-            for y_, v_ in zip(y, v_in)
-        ]
-        masks = masks_of(scores, [leaf_sparsity(flat[i][0], count) for i in members])
-        z = [jnp.where(m, y_, 0.0) for m, y_ in zip(masks, y)]
-        u_next = [u_ + w_ - z_ for u_, w_, z_ in zip(u_prev, w, z)]
-        sums = jnp.stack([
-            total([jnp.sum(jnp.square(w_ - z_)) for w_, z_ in zip(w, z)]),
-            total([jnp.sum(jnp.square(w_)) for w_ in w]),
-            total([jnp.sum(jnp.square(z_ - zp)) for z_, zp in zip(z, z_prev)]),
-            total([jnp.sum((z_ != 0) != (zp != 0), dtype=jnp.float32) for z_, zp in zip(z, z_prev)]),
-        ])
-        encoded = [(_encode_state(z_, state_dtype, scale_axis), _encode_state(un, state_dtype, scale_axis))
-                   for z_, un in zip(z, u_next)]
-        return encoded, sums
-
-      # The update runs group by group (the groups of the joint bisection), so
-      # that XLA can free one group's float32 temporaries (y, scores, z, u)
-      # before it builds the next group's.
-      sums = jnp.zeros(4, jnp.float32)
-      sizes = [flat[i][1].size for i in kept]
-      for members in _projection.leaf_groups(sizes, _projection.MAX_JOINT_ENTRIES):
-        members = [kept[j] for j in members]
-        inputs = (
-            [flat[i][1] for i in members],
-            [steps[i] for i in members],
-            [(u_q_l[i], u_s_l[i]) for i in members],
-            [z_q_l[i] for i in members],
-            [z_s_l[i] for i in members],
-            [v[i] for i in members],
-        )
-        encoded, group_sums = group_update(members, *inputs)
-        sums = sums + group_sums
-        for i, ((zq, zs), (uq, us)) in zip(members, encoded):
-          out[0][i], out[1][i], out[2][i], out[3][i] = zq, zs, uq, us
-
-      # Convergence signals over all prunable entries.
-      primal = jnp.sqrt(sums[0])
-      norm_w = jnp.sqrt(sums[1])
-      dual = lmda_now * jnp.sqrt(sums[2])
-      n = max(1, sum(sizes))
-      signals = (
-          primal / jnp.maximum(norm_w, jnp.finfo(jnp.float32).tiny),
-          primal,
-          dual,
-          sums[3] / n,
-      )
-      factor = state.lmda_factor
-      if lmda_schedule == "residual_balancing":
-        up = primal > balance_mu * dual
-        down = dual > balance_mu * primal
-        factor = factor * jnp.where(up, balance_tau, jnp.where(down, 1.0 / balance_tau, 1.0))
-
-      return (*(treedef.unflatten(o) for o in out), _as_f32(factor), signals)
+      return _zu_update(params, base_updates, state._replace(u=u_q, u_scale=u_s, score=score,
+                                                            score_scale=score_scale, base_state=base_state),
+                        count, lmda_now, keep)
 
     def hold():
       m = state.metrics
@@ -889,6 +818,120 @@ def admm(
         metrics=AdmmMetrics(*signals, _as_f32(lmda_now)),
         base_state=base_state,
     )
+
+  def deferred_zu_update(state, params):
+    """The z/u update of the last update (made with ``z_update=False``), at ``params = w'``."""
+    count = state.count - 1  # the update whose z/u step this is
+    keep = jax.tree_util.tree_map_with_path(prunable_leaf, params)
+    z, z_scale, u, u_scale, lmda_factor, signals = _zu_update(params, None, state, count, state.lmda, keep)
+    return state._replace(z=z, u=u, z_scale=z_scale, u_scale=u_scale, lmda_factor=lmda_factor,
+                          metrics=AdmmMetrics(*signals, state.lmda))
+
+  def _zu_update(params, base_updates, state, count, lmda_now, keep):
+    """``z = Proj(w' + u)``, ``u += w' - z`` with ``w' = params + base_updates``.
+
+    ``base_updates`` None means ``params`` already are ``w'``. ``state`` holds
+    the ``u`` (rescaled to ``lmda_now``), score and base state of this update.
+    """
+    u_q, u_s, score, score_scale, base_state = (
+        state.u, state.u_scale, state.score, state.score_scale, state.base_state)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = treedef.flatten_up_to
+    if use_ema:  # decoded inside each group, from its stored form
+      v = list(zip(leaves(score), leaves(score_scale)))
+    elif use_base_nu:
+      found, nu = _low_precision.find_second_moment(base_state)
+      if not found:
+        raise _no_second_moment_error(base_state)
+      v = leaves(nu)
+    elif use_fixed:
+      v = [_fixed_leaf(fixed_at, path, w) for path, w in flat]
+    else:
+      v = [None] * len(flat)
+    steps = [None] * len(flat) if base_updates is None else leaves(base_updates)
+    total = lambda xs: sum(xs, jnp.zeros([], jnp.float32))
+    kept = [i for i, k in enumerate(leaves(keep)) if k]
+    u_q_l, u_s_l = leaves(u_q), leaves(u_s)
+    z_q_l, z_s_l = leaves(state.z), leaves(state.z_scale)
+    # z, z_scale, u, u_scale: prunable leaves are re-encoded with fresh scales
+    # below; the others keep their placeholders.
+    out = [leaves(t) for t in (state.z, state.z_scale, u_q, u_s)]
+
+    def group_update(members, after, w, dw, u_in, z_in, z_sc, v_in):
+      """The z/u update of some prunable leaves, from their stored state.
+
+      ``after`` is a float32 zero computed from the previous group's results:
+      added to every input, it orders the groups (see below).
+      """
+      u_prev = [_decode_state(q, sc) + after for q, sc in u_in]
+      z_prev = [_decode_state(q, sc) + after for q, sc in zip(z_in, z_sc)]
+      if use_ema:
+        v_in = [_decode_score(q, sc) for q, sc in v_in]
+      v_in = [v_ if v_ is None else v_ + after for v_ in v_in]
+      # The weights right after the base step.
+      w = [(w_ if d is None else optax.apply_updates(w_, d)).astype(jnp.float32) + after
+           for w_, d in zip(w, dw)]
+      y = [w_ + u_ for w_, u_ in zip(w, u_prev)]
+      scores = [
+          _projection.magnitude_score(y_) if v_ is None
+          else _projection.objective_aware_score(y_, v_)
+          for y_, v_ in zip(y, v_in)
+      ]
+      masks = masks_of(scores, [leaf_sparsity(flat[i][0], count) for i in members])
+      z = [jnp.where(m, y_, 0.0) for m, y_ in zip(masks, y)]
+      u_next = [u_ + w_ - z_ for u_, w_, z_ in zip(u_prev, w, z)]
+      sums = jnp.stack([
+          total([jnp.sum(jnp.square(w_ - z_)) for w_, z_ in zip(w, z)]),
+          total([jnp.sum(jnp.square(w_)) for w_ in w]),
+          total([jnp.sum(jnp.square(z_ - zp)) for z_, zp in zip(z, z_prev)]),
+          total([jnp.sum((z_ != 0) != (zp != 0), dtype=jnp.float32) for z_, zp in zip(z, z_prev)]),
+      ])
+      encoded = [(_encode_state(z_, state_dtype, scale_axis), _encode_state(un, state_dtype, scale_axis))
+                 for z_, un in zip(z, u_next)]
+      return encoded, sums
+
+    # The update runs group by group (the groups of the joint bisection), so
+    # that XLA can free one group's float32 temporaries (y, scores, z, u)
+    # before it builds the next group's. Independent groups would leave the
+    # order to XLA's scheduler, which (on the CPU at least) decodes the inputs
+    # of every group first: each group's inputs get a zero that depends on the
+    # previous group's sums (:mod:`elsa_jax._scheduling`).
+    sums = jnp.zeros(4, jnp.float32)
+    sizes = [flat[i][1].size for i in kept]
+    for members in _projection.leaf_groups(sizes, _projection.MAX_JOINT_ENTRIES):
+      members = [kept[j] for j in members]
+      inputs = (
+          [flat[i][1] for i in members],
+          [steps[i] for i in members],
+          [(u_q_l[i], u_s_l[i]) for i in members],
+          [z_q_l[i] for i in members],
+          [z_s_l[i] for i in members],
+          [v[i] for i in members],
+      )
+      after = _scheduling.zero_after(sums)
+      encoded, group_sums = group_update(members, after, *inputs)
+      sums = sums + group_sums
+      for i, ((zq, zs), (uq, us)) in zip(members, encoded):
+        out[0][i], out[1][i], out[2][i], out[3][i] = zq, zs, uq, us
+
+    # Convergence signals over all prunable entries.
+    primal = jnp.sqrt(sums[0])
+    norm_w = jnp.sqrt(sums[1])
+    dual = lmda_now * jnp.sqrt(sums[2])
+    n = max(1, sum(sizes))
+    signals = (
+        primal / jnp.maximum(norm_w, jnp.finfo(jnp.float32).tiny),
+        primal,
+        dual,
+        sums[3] / n,
+    )
+    factor = state.lmda_factor
+    if lmda_schedule == "residual_balancing":
+      up = primal > balance_mu * dual
+      down = dual > balance_mu * primal
+      factor = factor * jnp.where(up, balance_tau, jnp.where(down, 1.0 / balance_tau, 1.0))
+
+    return (*(treedef.unflatten(o) for o in out), _as_f32(factor), signals)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from elsa_jax import _quantization as quant
+from elsa_jax import _scheduling
 
 _EMPTY = (0,)
 
@@ -167,8 +168,8 @@ def scale_by_adam_lowp(
     c1 = 1 - jnp.asarray(b1, jnp.float32) ** count_inc
     c2 = 1 - jnp.asarray(b2, jnp.float32) ** count_inc
 
-    def leaf(g, mq, ms, vq, vs):
-      g32 = g.astype(jnp.float32)
+    def leaf(g, mq, ms, vq, vs, after):
+      g32 = g.astype(jnp.float32) + after
       m = b1 * _decode_mu(mq, ms, block_size) + (1 - b1) * g32
       v = b2 * _decode_nu(vq, vs, block_size) + (1 - b2) * jnp.square(g32)
       step = (m / c1) / (jnp.sqrt(v / c2 + eps_root) + eps)
@@ -176,8 +177,18 @@ def scale_by_adam_lowp(
       v_q, v_s = _encode_nu(v, moment_dtype, block_size)
       return step.astype(g.dtype), m_q, v_q, m_s, v_s
 
-    out = jax.tree.map(leaf, updates, state.mu, state.mu_scale, state.nu, state.nu_scale)
-    new_updates, mu, nu, mu_scale, nu_scale = unzip(out, updates, 5)
+    # Leaf after leaf: with int8 moments each leaf's update waits for the
+    # previous leaf's new block scales, so that XLA does not decode the moments
+    # of every leaf before it re-encodes any (:mod:`elsa_jax._scheduling`).
+    flat, treedef = jax.tree.flatten(updates)
+    states = zip(*(treedef.flatten_up_to(t) for t in (state.mu, state.mu_scale, state.nu, state.nu_scale)))
+    after = jnp.zeros([], jnp.float32)
+    out = []
+    for g, (mq, ms, vq, vs) in zip(flat, states):
+      out.append(leaf(g, mq, ms, vq, vs, after))
+      if moment_dtype == "int8":
+        after = _scheduling.zero_after(out[-1][3], out[-1][4])
+    new_updates, mu, nu, mu_scale, nu_scale = unzip(treedef.unflatten(out), updates, 5)
     return new_updates, ScaleByAdamLowpState(
         count=count_inc, mu=mu, nu=nu, mu_scale=mu_scale, nu_scale=nu_scale
     )

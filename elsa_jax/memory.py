@@ -73,14 +73,21 @@ def predict_memory(
     remat: bool | str = False,
     scan_layers: bool = False,
     rules: dict[str, str | None] | None = None,
-    z_update: bool = True,
+    z_update: bool | str = True,
+    separate_z_update: bool = True,
 ) -> MemoryPrediction:
   """Compiles the ELSA train step abstractly and returns its per-device memory.
 
-  By default the step compiled is the one with the z/u update
-  (``z_update=True``), the run's peak; ``z_update=False`` gives the steps in
-  between, which do the same work without the projection and dual update.
+  By default (``z_update=True``) this is the run's peak: with
+  ``separate_z_update`` (how :func:`elsa_jax.train.run` runs by default) the
+  larger of the plain step and the separate z/u program
+  (:func:`elsa_jax.train.make_zu_step`), otherwise the step with the z/u update
+  fused in. ``z_update=False`` gives the plain step alone, which does the same
+  work as the others without the projection and dual update, and
+  ``z_update="program"`` the separate z/u program alone.
   """
+  if z_update not in (True, False, "program"):
+    raise ValueError(f"z_update must be True, False or 'program', got {z_update!r}.")
   rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
   graphdef, params = abstract_model(config, remat=remat, scan_layers=scan_layers)
   model = llama.merge(graphdef, params)
@@ -93,24 +100,34 @@ def predict_memory(
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, s_shard)
   data_shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.DATA))
   batch = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.seqlen + 1), jnp.int32, sharding=data_shard)
-  step = jax.jit(
-      train.make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype), z_update=z_update),
-      in_shardings=(p_shard, s_shard, data_shard),
-      out_shardings=(p_shard, s_shard, sharding_lib.replicated(mesh)),
-      donate_argnums=(0, 1),
-  )
-  compiled = step.lower(params, state, batch).compile()
-  stats = compiled.memory_analysis()
   n_params = sum(int(p.size) for p in jax.tree.leaves(params))
   state_bytes = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state))
-  return MemoryPrediction(
-      argument_bytes=int(stats.argument_size_in_bytes),
-      output_bytes=int(stats.output_size_in_bytes),
-      temp_bytes=int(stats.temp_size_in_bytes),
-      alias_bytes=int(stats.alias_size_in_bytes),
-      n_params=n_params,
-      state_bytes_per_param=state_bytes / n_params,
+
+  def measure(fn, in_shardings, out_shardings, donate, *args) -> MemoryPrediction:
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate)
+    stats = jitted.lower(*args).compile().memory_analysis()
+    return MemoryPrediction(
+        argument_bytes=int(stats.argument_size_in_bytes),
+        output_bytes=int(stats.output_size_in_bytes),
+        temp_bytes=int(stats.temp_size_in_bytes),
+        alias_bytes=int(stats.alias_size_in_bytes),
+        n_params=n_params,
+        state_bytes_per_param=state_bytes / n_params,
+    )
+
+  zu_program = lambda: measure(train.make_zu_step(tx), (p_shard, s_shard),
+                               (s_shard, sharding_lib.replicated(mesh)), (1,), params, state)
+  if z_update == "program":
+    return zu_program()
+  fused = z_update and not separate_z_update
+  step = measure(
+      train.make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype), z_update=fused),
+      (p_shard, s_shard, data_shard), (p_shard, s_shard, sharding_lib.replicated(mesh)), (0, 1),
+      params, state, batch,
   )
+  if not (z_update and separate_z_update):
+    return step
+  return max(step, zu_program(), key=lambda m: m.total_bytes)
 
 
 def device_memory_bytes(device: Any | None = None) -> int | None:

@@ -211,6 +211,27 @@ def make_train_step(
   return step
 
 
+def make_zu_step(tx: optax.GradientTransformation) -> Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]:
+  """Returns ``zu_step(params, opt_state) -> (opt_state, metrics)``: the z/u update on its own.
+
+  Run it right after a step built with ``z_update=False`` at a step where the
+  z/u update is due (``step % interval == 0``), on that step's outputs: the
+  pair equals one step built with ``z_update=True``, but as two programs, so
+  the z/u update's temporaries never coexist with the gradients, activations
+  and base optimizer's temporaries (:func:`elsa_jax.admm`'s
+  ``z_update="deferred"``). ``metrics`` are the z/u update's convergence
+  signals and ``z_sparsity``.
+  """
+
+  def zu_step(params, opt_state):
+    _, opt_state = tx.update(params, opt_state, params, z_update="deferred")
+    metrics = _admm.admm_metrics(opt_state)._asdict()
+    metrics["z_sparsity"] = z_sparsity(opt_state)
+    return opt_state, metrics
+
+  return zu_step
+
+
 def activation_scores(stats: list[dict[str, jax.Array]]) -> dict:
   """SAFE+'s projection weights from :func:`elsa_jax.baselines.calibration_statistics`.
 
@@ -267,6 +288,7 @@ def run(
     progress: bool = True,
     stop_after: int | None = None,
     fixed_score: Any = None,
+    separate_z_update: bool = True,
 ) -> RunResult:
   """Runs (or resumes) ELSA for ``cfg.steps`` optimizer steps.
 
@@ -287,6 +309,9 @@ def run(
     stop_after: stop (after saving) once this many steps have run in this call;
       used to test interruption.
     fixed_score: the activation scores of ``score_source="activations"`` (SAFE+).
+    separate_z_update: run the z/u update as its own program after the step it
+      belongs to (:func:`make_zu_step`), so that the run's peak memory is the
+      larger of the two programs', not their sum; False fuses it into the step.
 
   Returns:
     A :class:`RunResult` with the final params and optimizer state.
@@ -311,19 +336,28 @@ def run(
   compute_dtype = jnp.dtype(cfg.compute_dtype)
   data_shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.DATA))
   end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-  # Two compiled steps, with and without the z/u update, picked on the host (a
-  # lax.cond on the device would copy z and u through it at every step), both
-  # compiled before the timed loop.
+  # The steps with and without the z/u update (or the step without it and the
+  # separate z/u program), picked on the host (a lax.cond on the device would
+  # copy z and u through it at every step), all compiled before the timed loop.
   batch_spec = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.seqlen + 1), jnp.int32,
                                     sharding=data_shard)
+  dues = sorted({s % cfg.interval == 0 for s in range(start, end)})
   step_fns = {}
-  for due in sorted({s % cfg.interval == 0 for s in range(start, end)}):
+  for due in sorted({due and not separate_z_update for due in dues}):
     step_fns[due] = jax.jit(
         make_train_step(graphdef, tx, compute_dtype=compute_dtype, sam_rho=cfg.sam_rho, z_update=due),
         in_shardings=(p_shard, s_shard, data_shard),
         out_shardings=(p_shard, s_shard, sharding_lib.replicated(mesh)),
         donate_argnums=(0, 1),
     ).lower(params, opt_state, batch_spec).compile()
+  zu_fn = None
+  if separate_z_update and True in dues:
+    zu_fn = jax.jit(
+        make_zu_step(tx),
+        in_shardings=(p_shard, s_shard),
+        out_shardings=(s_shard, sharding_lib.replicated(mesh)),
+        donate_argnums=(1,),
+    ).lower(params, opt_state).compile()
 
   is_main = jax.process_index() == 0
   metrics_file = None
@@ -380,7 +414,11 @@ def run(
         batch = jax.make_array_from_process_local_data(data_shard, batch, global_shape)
       else:
         batch = jax.device_put(batch, data_shard)
-      params, opt_state, metrics = step_fns[step % cfg.interval == 0](params, opt_state, batch)
+      due = step % cfg.interval == 0
+      params, opt_state, metrics = step_fns[due and zu_fn is None](params, opt_state, batch)
+      if due and zu_fn is not None:
+        opt_state, zu_metrics = zu_fn(params, opt_state)
+        metrics = {**metrics, **zu_metrics}
       if step == start:
         jax.block_until_ready(metrics)
         t_first = time.perf_counter()

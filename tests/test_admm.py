@@ -492,7 +492,7 @@ def test_static_z_update_matches_the_on_device_schedule():
   moved = elsa_jax.find_admm_state(update(grads, state, params, z_update=True)[1])
   chex.assert_trees_all_equal((held.z, held.u), (a.z, a.u))
   assert not np.array_equal(moved.u["layers"]["0"]["kernel"], a.u["layers"]["0"]["kernel"])
-  with pytest.raises(TypeError, match="z_update must be None or a Python bool"):
+  with pytest.raises(TypeError, match="z_update must be None, a Python bool"):
     jax.jit(EAGER_TX.update)(grads, state, params, z_update=jnp.array(True))
 
 
@@ -575,3 +575,41 @@ def test_group_by_group_z_update_equals_the_joint_one(monkeypatch):
   chex.assert_trees_all_equal((grouped.z, grouped.u), (joint.z, joint.u))
   chex.assert_trees_all_close(grouped.metrics, joint.metrics, rtol=1e-6)
   assert float(joint.metrics.rel_gap) > 0
+
+
+@pytest.mark.parametrize("lowp", [False, True])
+def test_deferred_z_update_equals_the_fused_one(lowp):
+  """A step with z_update=False then the deferred z/u program = one step with z_update=True."""
+  base = elsa_jax.adam_lowp(1e-2, b2=0.95, moment_dtype="int8") if lowp else optax.adam(1e-2, b2=0.95)
+  tx = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      elsa_jax.admm(base, sparsity=0.6, interval=2, lmda=0.05, lmda_schedule="residual_balancing",
+                    state_dtype="float8_e4m3fn" if lowp else "float32"),
+  )
+  update = jax.jit(tx.update, static_argnames="z_update")
+  seed = int(np.random.default_rng().integers(1 << 30))
+  params = llama_params(seed=seed, layers=2)
+  state = tx.init(params)
+  for t in range(3):  # into the run: u, the score and lmda are no longer at their initial values
+    updates, state = update(GRAD(params, tokens(t)), state, params, z_update=t % 2 == 0)
+    params = optax.apply_updates(params, updates)
+  grads = GRAD(params, tokens(3))
+  updates, state = update(grads, state, params, z_update=False)  # count 3: not due
+  params = optax.apply_updates(params, updates)
+  grads = GRAD(params, tokens(4))  # count 4: due
+
+  fused_updates, fused = update(grads, state, params, z_update=True)
+  plain_updates, plain = update(grads, state, params, z_update=False)
+  new_params = optax.apply_updates(params, plain_updates)
+  returned, deferred = update(jax.tree.map(jnp.zeros_like, params), plain, new_params, z_update="deferred")
+  chex.assert_trees_all_equal(fused_updates, plain_updates)
+  chex.assert_trees_all_equal(returned, jax.tree.map(jnp.zeros_like, params))
+  a, b = elsa_jax.find_admm_state(fused), elsa_jax.find_admm_state(deferred)
+  chex.assert_trees_all_equal((a.count, a.lmda, a.score, a.base_state), (b.count, b.lmda, b.score, b.base_state))
+  chex.assert_trees_all_equal(jax.tree.map(lambda z: z != 0, a.z), jax.tree.map(lambda z: z != 0, b.z))
+  chex.assert_trees_all_close((a.z, a.u, a.z_scale, a.u_scale), (b.z, b.u, b.z_scale, b.u_scale),
+                              rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close((a.metrics, a.lmda_factor), (b.metrics, b.lmda_factor), rtol=1e-5)
+  held = elsa_jax.find_admm_state(plain)
+  assert float(jnp.max(jnp.abs(a.u["layers"][0]["mlp"]["up_proj"]["kernel"].astype(jnp.float32)
+                               - held.u["layers"][0]["mlp"]["up_proj"]["kernel"].astype(jnp.float32)))) > 0

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import elsa_jax
 from elsa_jax import llama
 from elsa_jax import pipeline
 from elsa_jax import sharding as sharding_lib
@@ -310,3 +311,25 @@ def test_sam_changes_the_step():
   np.testing.assert_allclose(first_loss[0.0], first_loss[0.5], rtol=1e-6)
   diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params_after[0.0], params_after[0.5])
   assert max(jax.tree.leaves(diff)) > 1e-5
+
+
+def test_separate_z_update_program_keeps_the_trajectory(tiny_run):
+  """train.run's z/u update as its own program (the default) = fused into the step."""
+  root, model_dir, calib, evalt = tiny_run
+  loaded = pipeline.load_model(str(model_dir))
+  cfg = _cfg(steps=5, batch_size=2, interval=2, state_dtype="float8_e4m3fn", moment_dtype="int8")
+  data = np.random.default_rng().integers(0, loaded.config.vocab_size, size=(cfg.steps, 2, cfg.seqlen + 1))
+  axes = llama.logical_axes_of(loaded.graphdef, loaded.params)
+  runs = {}
+  for separate in (True, False):
+    runs[separate] = train.run(loaded.graphdef, jax.tree.map(np.array, loaded.params), cfg, lambda s: data[s],
+                               mesh=sharding_lib.make_mesh(1, 1), logical_axes=axes, progress=False,
+                               separate_z_update=separate)
+  sep, fused = runs[True], runs[False]
+  for key in ("loss", "rel_gap", "mask_flip_fraction", "z_sparsity"):
+    np.testing.assert_allclose([h[key] for h in sep.history], [h[key] for h in fused.history], rtol=1e-5,
+                               err_msg=key)
+  assert 0.4 < sep.history[-1]["z_sparsity"] < 0.6 and sep.history[-1]["rel_gap"] > 0
+  chex.assert_trees_all_close(jax.device_get(sep.params), jax.device_get(fused.params), atol=1e-6)
+  a, b = (elsa_jax.find_admm_state(r.opt_state) for r in (sep, fused))
+  chex.assert_trees_all_close((a.z, a.u), (b.z, b.u), atol=1e-6)

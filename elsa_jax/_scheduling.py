@@ -1,0 +1,45 @@
+# Copyright 2026 The elsa_jax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+# ==============================================================================
+"""Ordering independent per-leaf work inside one XLA program, to bound its memory.
+
+An optimizer update over many matrices is a set of independent computations.
+XLA's scheduler may start all of them before it finishes any (the CPU's
+default, concurrency-optimised scheduler does: it decodes the low-precision
+state of every matrix first), so that the float32 temporaries of every matrix
+are alive at once. JAX exposes no control dependencies, and
+``jax.lax.optimization_barrier`` did not survive XLA:CPU's passes, so the order
+is made a data dependency: the next matrix's inputs get a float32 zero computed
+from the previous matrix's results. XLA does not fold ``x * 0.0`` for floats
+(it is NaN for infinite ``x``), so the dependency stays; the values do not
+change.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def zero_after(*xs: jax.Array) -> jax.Array:
+  """A float32 zero that XLA can only compute once all of ``xs`` exist.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from elsa_jax import _scheduling
+    >>> float(_scheduling.zero_after(jnp.array([1.0, jnp.inf]), jnp.ones(3)))
+    0.0
+  """
+  total = sum((jnp.sum(x, dtype=jnp.float32) for x in xs), jnp.zeros([], jnp.float32))
+  return jnp.where(jnp.isfinite(total), total * 0.0, 0.0)
