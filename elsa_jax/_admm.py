@@ -402,6 +402,7 @@ class AdmmMetrics(NamedTuple):
       z-update).
     mask_flip_fraction: the fraction of prunable entries whose kept/pruned
       status changed at the last z-update (read as ``z != 0``).
+    z_sparsity: the fraction of zeros in the stored ``z`` (from ``init`` on).
     lmda: the penalty weight used at the last step.
   """
 
@@ -409,6 +410,7 @@ class AdmmMetrics(NamedTuple):
   primal_residual: jax.Array
   dual_residual: jax.Array
   mask_flip_fraction: jax.Array
+  z_sparsity: jax.Array
   lmda: jax.Array
 
 
@@ -712,6 +714,9 @@ def admm(
       for column, leaf in zip(columns, (z_q, z_s, u_q, u_s, v_q, v_s)):
         column.append(leaf)
     z, z_scale, u, u_scale, score, score_scale = (treedef.unflatten(c) for c in columns)
+    stored = [q for q, k in zip(columns[0], keep) if k]
+    z_zeros = sum((jnp.sum(quant.is_zero(q), dtype=jnp.float32) for q in stored), jnp.zeros([], jnp.float32))
+    z_zeros = z_zeros / max(1, sum(q.size for q in stored))
     base_state = base.init(params)
     if use_base_nu and not _low_precision.find_second_moment(base_state)[0]:
       raise _no_second_moment_error(base_state)
@@ -728,7 +733,7 @@ def admm(
         score_scale=score_scale,
         lmda=scalar(lmda0),
         lmda_factor=scalar(1.0),
-        metrics=AdmmMetrics(scalar(0.0), scalar(0.0), scalar(0.0), scalar(0.0), scalar(lmda0)),
+        metrics=AdmmMetrics(scalar(0.0), scalar(0.0), scalar(0.0), scalar(0.0), z_zeros, scalar(lmda0)),
         base_state=base_state,
     )
 
@@ -744,6 +749,7 @@ def admm(
       )
     count = state.count
     keep = jax.tree_util.tree_map_with_path(prunable_leaf, params)
+    treedef = jax.tree.structure(params)
     lmda_now = lmda_at(count) * state.lmda_factor
 
     # u is the scaled dual: when lmda changed, u *= lmda_old / lmda_new. Float8
@@ -762,23 +768,35 @@ def admm(
     u_q, u_s = _low_precision.unzip(
         jax.tree.map(rescale, state.u, state.u_scale, keep), params, 2
     )
-    decode = lambda q, s, k: _decode_state(q, s) if k else q
-    u32 = jax.tree.map(decode, u_q, u_s, keep)
-    z32 = jax.tree.map(decode, state.z, state.z_scale, keep)
+    if state_dtype == jnp.float32:
+      decode = lambda q, s, g, k: q
+    else:
+      # Stored z and u are decoded only once the incoming gradient exists:
+      # otherwise XLA is free to decode every matrix's z and u at the start of
+      # the step (they depend on nothing else) and keep the float32 copies
+      # through the whole backward pass (:mod:`elsa_jax._scheduling`).
+      decode = lambda q, s, g, k: _decode_state(_scheduling.after(q, g), s) if k else q
+    u32 = jax.tree.map(decode, u_q, u_s, updates, keep)
+    z32 = jax.tree.map(decode, state.z, state.z_scale, updates, keep)
 
     # The score EMA sees the incoming gradient, before the penalty is added.
     if use_ema:
 
-      def ema(g, q, s, k):
+      def ema(g, q, s, k, after):
         if not k:
           return q, s
-        g = g.astype(jnp.float32)
+        g = g.astype(jnp.float32) + after
         v = score_decay * _decode_score(q, s) + (1.0 - score_decay) * g * g
         return _encode_score(v, score_dtype)
 
-      score, score_scale = _low_precision.unzip(
-          jax.tree.map(ema, updates, state.score, state.score_scale, keep), params, 2
-      )
+      # Leaf after leaf for int8 scores, as for int8 moments (:mod:`elsa_jax._scheduling`).
+      after = jnp.zeros([], jnp.float32)
+      new = []
+      for g, q, s, k in zip(*(treedef.flatten_up_to(t) for t in (updates, state.score, state.score_scale, keep))):
+        new.append(ema(g, q, s, k, after))
+        if k and score_dtype == jnp.int8:
+          after = _scheduling.zero_after(new[-1][1])
+      score, score_scale = _low_precision.unzip(treedef.unflatten(new), params, 2)
     else:
       score, score_scale = state.score, state.score_scale
 
@@ -793,7 +811,7 @@ def admm(
     def hold():
       m = state.metrics
       return (state.z, state.z_scale, u_q, u_s, state.lmda_factor,
-              (m.rel_gap, m.primal_residual, m.dual_residual, m.mask_flip_fraction))
+              (m.rel_gap, m.primal_residual, m.dual_residual, m.mask_flip_fraction, m.z_sparsity))
 
     due = count % interval == 0
     if z_update is not None:  # the caller's static choice: no conditional in the step
@@ -888,6 +906,8 @@ def admm(
       ])
       encoded = [(_encode_state(z_, state_dtype, scale_axis), _encode_state(un, state_dtype, scale_axis))
                  for z_, un in zip(z, u_next)]
+      zeros = total([jnp.sum(quant.is_zero(zq), dtype=jnp.float32) for (zq, _), _ in encoded])
+      sums = jnp.concatenate([sums, zeros[None]])
       return encoded, sums
 
     # The update runs group by group (the groups of the joint bisection), so
@@ -896,7 +916,7 @@ def admm(
     # order to XLA's scheduler, which (on the CPU at least) decodes the inputs
     # of every group first: each group's inputs get a zero that depends on the
     # previous group's sums (:mod:`elsa_jax._scheduling`).
-    sums = jnp.zeros(4, jnp.float32)
+    sums = jnp.zeros(5, jnp.float32)
     sizes = [flat[i][1].size for i in kept]
     for members in _projection.leaf_groups(sizes, _projection.MAX_JOINT_ENTRIES):
       members = [kept[j] for j in members]
@@ -924,6 +944,7 @@ def admm(
         primal,
         dual,
         sums[3] / n,
+        sums[4] / n,
     )
     factor = state.lmda_factor
     if lmda_schedule == "residual_balancing":

@@ -65,6 +65,24 @@ def is_fp8(dtype) -> bool:
   return jnp.dtype(dtype) in tuple(jnp.dtype(d) for d in FP8_DTYPES)
 
 
+def is_zero(x: jax.Array) -> jax.Array:
+  """``x == 0`` (either sign), read off the bits of 8- and 16-bit floats.
+
+  XLA:CPU compares float8 values through a float32 copy of the array; on the
+  bits, all but the sign bit clear means +-0 in every IEEE-like format.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from elsa_jax import _quantization as quant
+    >>> quant.is_zero(jnp.array([0.0, -0.0, 0.5], jnp.float8_e4m3fn)).tolist()
+    [True, True, False]
+  """
+  if x.dtype.itemsize >= 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+    return x == 0
+  bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize])
+  return (bits & ((1 << (8 * x.dtype.itemsize - 1)) - 1)) == 0
+
+
 def scale_shape(shape: tuple[int, ...], axis=None) -> tuple[int, ...]:
   """Shape of the scale of :func:`quantize_scaled`: ``()`` per tensor, else keepdims."""
   if axis is None:

@@ -43,3 +43,18 @@ def zero_after(*xs: jax.Array) -> jax.Array:
   """
   total = sum((jnp.sum(x, dtype=jnp.float32) for x in xs), jnp.zeros([], jnp.float32))
   return jnp.where(jnp.isfinite(total), total * 0.0, 0.0)
+
+
+def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
+  """``x`` unchanged, but available to XLA only once all of ``deps`` exist.
+
+  For arrays of any dtype (float8 included, whose conversions XLA:CPU will not
+  fuse into their consumers): a select on a condition that is always true.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from elsa_jax import _scheduling
+    >>> _scheduling.after(jnp.arange(3), jnp.ones(2)).tolist()
+    [0, 1, 2]
+  """
+  return jnp.where(zero_after(*deps) == 0.0, x, jnp.zeros((), x.dtype))

@@ -62,6 +62,7 @@ class ElsaConfig:
   clip: float = 1.0
   state_dtype: str = "float32"  # z/u storage: float32 | bfloat16 | float8_e4m3fn | float8_e5m2
   moment_dtype: str = "float32"  # Adam moments: float32 | bfloat16 | int8
+  score_dtype: str | None = None  # grad_ema score: float32 | bfloat16 | int8 (None: float32 with float32 state, else bf16)
   compute_dtype: str = "bfloat16"
   seed: int = 0
 
@@ -131,6 +132,7 @@ def make_optimizer(cfg: ElsaConfig, fixed_score: Any = None) -> optax.GradientTr
       score_source="fixed" if cfg.score_source == "activations" else cfg.score_source,
       pattern=kind,
       state_dtype=cfg.state_dtype,
+      score_dtype=cfg.score_dtype,
   )
   if nm is not None:
     kwargs["n_m"] = nm
@@ -205,7 +207,6 @@ def make_train_step(
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads)}
     metrics.update(_admm.admm_metrics(opt_state)._asdict())
-    metrics["z_sparsity"] = z_sparsity(opt_state)
     return params, opt_state, metrics
 
   return step
@@ -219,15 +220,13 @@ def make_zu_step(tx: optax.GradientTransformation) -> Callable[[Any, Any], tuple
   pair equals one step built with ``z_update=True``, but as two programs, so
   the z/u update's temporaries never coexist with the gradients, activations
   and base optimizer's temporaries (:func:`elsa_jax.admm`'s
-  ``z_update="deferred"``). ``metrics`` are the z/u update's convergence
-  signals and ``z_sparsity``.
+  ``z_update="deferred"``). ``metrics`` are the z/u update's
+  :class:`elsa_jax.AdmmMetrics`.
   """
 
   def zu_step(params, opt_state):
     _, opt_state = tx.update(params, opt_state, params, z_update="deferred")
-    metrics = _admm.admm_metrics(opt_state)._asdict()
-    metrics["z_sparsity"] = z_sparsity(opt_state)
-    return opt_state, metrics
+    return opt_state, _admm.admm_metrics(opt_state)._asdict()
 
   return zu_step
 
@@ -251,12 +250,6 @@ def activation_scores(stats: list[dict[str, jax.Array]]) -> dict:
   return {"layers": layers}
 
 
-def z_sparsity(opt_state: Any) -> jax.Array:
-  """Fraction of zeros in ``z`` over the prunable matrices (a device scalar)."""
-  state = _admm.find_admm_state(opt_state)
-  leaves = [z for z in jax.tree.leaves(state.z) if z.ndim >= 2]
-  zeros = sum(jnp.sum(z == 0, dtype=jnp.float32) for z in leaves)
-  return zeros / max(sum(z.size for z in leaves), 1)
 
 
 @dataclasses.dataclass

@@ -49,6 +49,9 @@ def main() -> None:
   ap.add_argument("--score-source", choices=("grad_ema", "base_second_moment"),
                   help="ELSA's projection score (default: the preset's, grad_ema)")
   ap.add_argument("--lmda-schedule", choices=("constant", "residual_balancing"))
+  ap.add_argument("--state-dtype", help="z/u storage of elsa/safe (ELSA-L: float8_e4m3fn)")
+  ap.add_argument("--moment-dtype", help="Adam moments of elsa/safe (ELSA-L: int8)")
+  ap.add_argument("--score-dtype", help="grad_ema score storage (float32 | bfloat16 | int8)")
   ap.add_argument("--tag", default="", help="suffix of the output files, to keep the tables of a sweep apart")
   ap.add_argument("--eval-windows", type=int)
   ap.add_argument("--init-method", help="start of elsa/safe: dense | wanda | sparsegpt | magnitude "
@@ -60,7 +63,9 @@ def main() -> None:
   preset = pipeline.PRESETS[args.preset]
   overrides = {k: v for k, v in dict(steps=args.steps, lmda=args.lmda, lr=args.lr, interval=args.interval,
                                      score_source=args.score_source,
-                                     lmda_schedule=args.lmda_schedule).items() if v is not None}
+                                     lmda_schedule=args.lmda_schedule, state_dtype=args.state_dtype,
+                                     moment_dtype=args.moment_dtype, score_dtype=args.score_dtype).items()
+               if v is not None}
   fields = {f.name for f in dataclasses.fields(train.ElsaConfig)}
   base = train.ElsaConfig(**{**{k: v for k, v in preset.items() if k in fields}, **overrides})
   init_method = args.init_method or ("wanda" if args.preset == "cpu" else "dense")
