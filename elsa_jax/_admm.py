@@ -617,7 +617,7 @@ def admm(
       slice along ``axis``) for float8 storage.
     score_dtype: storage of the ``"grad_ema"`` score: ``"float32"``,
       ``"bfloat16"`` or ``"int8"`` (block-wise, square-root domain). Defaults
-      to float32 for float32 state and bfloat16 otherwise.
+      to the state's own width: float32, bfloat16, or int8 for float8 state.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is
@@ -649,7 +649,7 @@ def admm(
         "float8_e4m3fn or float8_e5m2."
     )
   if score_dtype is None:
-    score_dtype = jnp.float32 if state_dtype == jnp.float32 else jnp.bfloat16
+    score_dtype = state_dtype if state_dtype in (jnp.float32, jnp.bfloat16) else jnp.int8
   score_dtype = quant.canonical_dtype(score_dtype)
   if score_dtype not in (jnp.float32, jnp.bfloat16, jnp.int8):
     raise ValueError(f"score_dtype {score_dtype} is not supported; use float32, bfloat16 or int8.")
@@ -768,17 +768,6 @@ def admm(
     u_q, u_s = _low_precision.unzip(
         jax.tree.map(rescale, state.u, state.u_scale, keep), params, 2
     )
-    if state_dtype == jnp.float32:
-      decode = lambda q, s, g, k: q
-    else:
-      # Stored z and u are decoded only once the incoming gradient exists:
-      # otherwise XLA is free to decode every matrix's z and u at the start of
-      # the step (they depend on nothing else) and keep the float32 copies
-      # through the whole backward pass (:mod:`elsa_jax._scheduling`).
-      decode = lambda q, s, g, k: _decode_state(_scheduling.after(q, g), s) if k else q
-    u32 = jax.tree.map(decode, u_q, u_s, updates, keep)
-    z32 = jax.tree.map(decode, state.z, state.z_scale, updates, keep)
-
     # The score EMA sees the incoming gradient, before the penalty is added.
     if use_ema:
 
@@ -789,17 +778,30 @@ def admm(
         v = score_decay * _decode_score(q, s) + (1.0 - score_decay) * g * g
         return _encode_score(v, score_dtype)
 
-      # Leaf after leaf for int8 scores, as for int8 moments (:mod:`elsa_jax._scheduling`).
+      # Group after group for int8 scores, as for int8 moments (:mod:`elsa_jax._scheduling`).
+      columns = [treedef.flatten_up_to(t) for t in (updates, state.score, state.score_scale, keep)]
       after = jnp.zeros([], jnp.float32)
-      new = []
-      for g, q, s, k in zip(*(treedef.flatten_up_to(t) for t in (updates, state.score, state.score_scale, keep))):
-        new.append(ema(g, q, s, k, after))
-        if k and score_dtype == jnp.int8:
-          after = _scheduling.zero_after(new[-1][1])
+      new = [None] * len(columns[0])
+      for group in _scheduling.leaf_groups([g.size for g in columns[0]]):
+        for i in group:
+          new[i] = ema(*(c[i] for c in columns), after)
+        if score_dtype == jnp.int8:
+          after = _scheduling.zero_after(*(new[i][1] for i in group if columns[3][i]))
       score, score_scale = _low_precision.unzip(treedef.unflatten(new), params, 2)
     else:
       score, score_scale = state.score, state.score_scale
 
+    if use_ema and score_dtype == jnp.int8 and state_dtype != jnp.float32:
+      # Decode z and u only once this step's int8 score scales exist (they need
+      # the clipped gradient, i.e. the whole backward pass): otherwise XLA may
+      # decode every matrix's z and u at the start of the step and keep the
+      # float32 copies through the backward (:mod:`elsa_jax._scheduling`).
+      # Free: the scales are small and computed anyway.
+      decode = lambda q, s, k, v_s: _decode_state(_scheduling.after(q, v_s), s) if k else q
+    else:
+      decode = lambda q, s, k, v_s: _decode_state(q, s) if k else q
+    u32 = jax.tree.map(decode, u_q, u_s, keep, score_scale)
+    z32 = jax.tree.map(decode, state.z, state.z_scale, keep, score_scale)
     grads = _penalty(updates, params, z32, u32, lmda_now, keep)
     base_updates, base_state = base.update(grads, state.base_state, params, **extra_args)
 

@@ -177,17 +177,18 @@ def scale_by_adam_lowp(
       v_q, v_s = _encode_nu(v, moment_dtype, block_size)
       return step.astype(g.dtype), m_q, v_q, m_s, v_s
 
-    # Leaf after leaf: with int8 moments each leaf's update waits for the
-    # previous leaf's new block scales, so that XLA does not decode the moments
-    # of every leaf before it re-encodes any (:mod:`elsa_jax._scheduling`).
+    # Group after group: with int8 moments each group of leaves waits for the
+    # previous group's new block scales, so that XLA does not decode the
+    # moments of every leaf before it re-encodes any (:mod:`elsa_jax._scheduling`).
     flat, treedef = jax.tree.flatten(updates)
-    states = zip(*(treedef.flatten_up_to(t) for t in (state.mu, state.mu_scale, state.nu, state.nu_scale)))
+    states = list(zip(*(treedef.flatten_up_to(t) for t in (state.mu, state.mu_scale, state.nu, state.nu_scale))))
     after = jnp.zeros([], jnp.float32)
-    out = []
-    for g, (mq, ms, vq, vs) in zip(flat, states):
-      out.append(leaf(g, mq, ms, vq, vs, after))
+    out = [None] * len(flat)
+    for group in _scheduling.leaf_groups([g.size for g in flat]):
+      for i in group:
+        out[i] = leaf(flat[i], *states[i], after)
       if moment_dtype == "int8":
-        after = _scheduling.zero_after(out[-1][3], out[-1][4])
+        after = _scheduling.zero_after(*(x for i in group for x in out[i][3:]))
     new_updates, mu, nu, mu_scale, nu_scale = unzip(treedef.unflatten(out), updates, 5)
     return new_updates, ScaleByAdamLowpState(
         count=count_inc, mu=mu, nu=nu, mu_scale=mu_scale, nu_scale=nu_scale

@@ -42,6 +42,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from elsa_jax._scheduling import leaf_groups
+
 Pattern = Literal["unstructured", "row", "nm"]
 
 _SIGN_BIT = 0x80000000
@@ -352,34 +354,7 @@ def check_nm(shape: tuple[int, ...], n: int, m: int, axis: int = 0) -> None:
 # and run); groups are capped so that their transients (the scores, stacked,
 # and the integer keys XLA hoists out of the loop) stay a small, bounded share
 # of device memory: 2**22 entries are ~16 MiB per float32 copy.
-MAX_JOINT_ENTRIES = 2**22
-
-
-def leaf_groups(sizes, max_joint_entries: int = MAX_JOINT_ENTRIES) -> list[list[int]]:
-  """Splits consecutive arrays into groups of at most ``max_joint_entries`` entries.
-
-  An array larger than the cap forms a group of its own.
-
-  Example:
-    >>> from elsa_jax._projection import leaf_groups
-    >>> leaf_groups([4, 4, 4, 10, 1], max_joint_entries=8)
-    [[0, 1], [2], [3], [4]]
-
-  Args:
-    sizes: the number of entries of each array.
-    max_joint_entries: the cap.
-
-  Returns:
-    Lists of indices into ``sizes``, in order.
-  """
-  groups, size = [], 0
-  for i, n in enumerate(sizes):
-    if not groups or (size and size + n > max_joint_entries):
-      groups.append([])
-      size = 0
-    groups[-1].append(i)
-    size += n
-  return groups
+MAX_JOINT_ENTRIES = 2**22  # see also _scheduling.GROUP_ENTRIES
 
 
 def sparsity_masks(

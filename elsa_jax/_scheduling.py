@@ -31,6 +31,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+#: Entries per group of matrices whose work runs between two ordering points
+#: (~16 MiB per float32 copy): the matrices of one group may run concurrently.
+GROUP_ENTRIES = 2**22
+
 
 def zero_after(*xs: jax.Array) -> jax.Array:
   """A float32 zero that XLA can only compute once all of ``xs`` exist.
@@ -48,8 +52,10 @@ def zero_after(*xs: jax.Array) -> jax.Array:
 def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
   """``x`` unchanged, but available to XLA only once all of ``deps`` exist.
 
-  For arrays of any dtype (float8 included, whose conversions XLA:CPU will not
-  fuse into their consumers): a select on a condition that is always true.
+  For arrays of any dtype (float8 included, whose conversions XLA:CPU does not
+  fuse into their consumers): the zero of :func:`zero_after` added to ``x``,
+  or to its bits for 8- and 16-bit floats. It reads ``deps`` once: pass small
+  arrays.
 
   Example:
     >>> import jax.numpy as jnp
@@ -57,4 +63,38 @@ def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
     >>> _scheduling.after(jnp.arange(3), jnp.ones(2)).tolist()
     [0, 1, 2]
   """
-  return jnp.where(zero_after(*deps) == 0.0, x, jnp.zeros((), x.dtype))
+  zero = zero_after(*deps)
+  if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype.itemsize >= 4:
+    return x + zero.astype(x.dtype)
+  # 8- and 16-bit floats: add the zero to their bits (integer arithmetic fuses
+  # everywhere; float8 arithmetic goes through float32 on the CPU).
+  bits = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, bits) + zero.astype(bits), x.dtype)
+
+
+def leaf_groups(sizes, max_joint_entries: int | None = None) -> list[list[int]]:
+  """Splits consecutive arrays into groups of at most ``max_joint_entries`` entries.
+
+  An array larger than the cap forms a group of its own.
+
+  Example:
+    >>> from elsa_jax._scheduling import leaf_groups
+    >>> leaf_groups([4, 4, 4, 10, 1], max_joint_entries=8)
+    [[0, 1], [2], [3], [4]]
+
+  Args:
+    sizes: the number of entries of each array.
+    max_joint_entries: the cap (None: :data:`GROUP_ENTRIES`).
+
+  Returns:
+    Lists of indices into ``sizes``, in order.
+  """
+  max_joint_entries = GROUP_ENTRIES if max_joint_entries is None else max_joint_entries
+  groups, size = [], 0
+  for i, n in enumerate(sizes):
+    if not groups or (size and size + n > max_joint_entries):
+      groups.append([])
+      size = 0
+    groups[-1].append(i)
+    size += n
+  return groups

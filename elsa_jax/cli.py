@@ -47,8 +47,8 @@ def _add_elsa_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--clip", type=float, help="global gradient-norm clip (1.0)")
   g.add_argument("--state-dtype", help="z/u storage (ELSA-L): float32 | bfloat16 | float8_e4m3fn | float8_e5m2")
   g.add_argument("--moment-dtype", help="Adam moments: float32 | bfloat16 | int8")
-  g.add_argument("--score-dtype", help="grad_ema score: float32 | bfloat16 | int8 (default: float32 with float32 "
-                                       "state, else bfloat16)")
+  g.add_argument("--score-dtype", help="grad_ema score: float32 | bfloat16 | int8 (default: the state's width, "
+                                       "int8 with float8 state)")
   g.add_argument("--compute-dtype", help="bfloat16 | float32 (master weights stay float32)")
   g.add_argument("--seed", type=int)
 

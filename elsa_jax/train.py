@@ -62,7 +62,7 @@ class ElsaConfig:
   clip: float = 1.0
   state_dtype: str = "float32"  # z/u storage: float32 | bfloat16 | float8_e4m3fn | float8_e5m2
   moment_dtype: str = "float32"  # Adam moments: float32 | bfloat16 | int8
-  score_dtype: str | None = None  # grad_ema score: float32 | bfloat16 | int8 (None: float32 with float32 state, else bf16)
+  score_dtype: str | None = None  # grad_ema score: float32 | bfloat16 | int8 (None: the state's width, int8 for fp8)
   compute_dtype: str = "bfloat16"
   seed: int = 0
 

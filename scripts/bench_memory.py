@@ -43,9 +43,8 @@ SIZES = {
 }
 STATES = {
     "fp32": dict(state_dtype="float32", moment_dtype="float32"),
-    "elsa-l": dict(state_dtype="float8_e4m3fn", moment_dtype="int8"),
-    # ELSA-L with its grad-EMA score in int8 as well (block-wise, square-root domain) instead of bf16.
-    "elsa-l-int8-score": dict(state_dtype="float8_e4m3fn", moment_dtype="int8", score_dtype="int8"),
+    "elsa-l": dict(state_dtype="float8_e4m3fn", moment_dtype="int8"),  # and an int8 grad-EMA score
+    "elsa-l-bf16-score": dict(state_dtype="float8_e4m3fn", moment_dtype="int8", score_dtype="bfloat16"),
 }
 
 

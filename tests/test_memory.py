@@ -101,6 +101,7 @@ def test_elsa_l_step_peaks_below_fp32(monkeypatch, ordered):
   config = llama.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=2)
   monkeypatch.setattr(_projection, "MAX_JOINT_ENTRIES", 256 * 512)  # ~one MLP matrix per group
+  monkeypatch.setattr(_scheduling, "GROUP_ENTRIES", 256 * 512)
   mesh = sharding.make_mesh(1, 1)
   peaks = {}
   for name, dtypes in (("fp32", {}), ("elsa-l", dict(state_dtype="float8_e4m3fn", moment_dtype="int8"))):
