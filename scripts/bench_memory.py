@@ -171,6 +171,13 @@ def _run_child(spec: dict) -> dict:
   return json.loads(lines[0][7:])
 
 
+def _write_table(lines: list[str], path: pathlib.Path) -> None:
+  table = "\n".join(lines)
+  print(table)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(table + "\n")
+
+
 def _fit(args, compute: str) -> None:
   capacity = int(args.fit_gib * 2**30)
   size = args.sizes.split(",")[0]
@@ -193,11 +200,7 @@ def _fit(args, compute: str) -> None:
   for r in rows:
     lines.append(f"| {r['state']} | {r['layers']} | {r['n_params'] / 1e6:.1f}M | {r['n_params'] / base:.2f}x | "
                  f"{r['predicted'] / 2**30:.3f} | {r['measured'] / 2**30:.3f} |")
-  table = "\n".join(lines)
-  print(table)
-  out_dir = pathlib.Path(args.out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / f"fit-{device.replace(' ', '_')}.md").write_text(table + "\n")
+  _write_table(lines, pathlib.Path(args.out_dir) / f"fit-{device.replace(' ', '_')}.md")
 
 
 def main() -> None:
@@ -245,11 +248,7 @@ def main() -> None:
     lines.append(f"| {r['size']} | {r['state']} | {r['n_params'] / 1e6:.1f}M | {r['state_bytes_per_param']:.2f} | "
                  f"{r['argument_bytes'] / 2**20:,.0f} | {r['plain_temp_bytes'] / 2**20:,.0f} | "
                  f"{r['zu_temp_bytes'] / 2**20:,.0f} | {r['fused_temp_bytes'] / 2**20:,.0f} | {r['predicted'] / 2**30:.3f} | {r['measured'] / 2**30:.3f} | {r['predicted'] / r['measured']:.3f} |")
-  table = "\n".join(lines)
-  print(table)
-  out_dir = pathlib.Path(args.out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / f"memory-{device.replace(' ', '_')}.md").write_text(table + "\n")
+  _write_table(lines, pathlib.Path(args.out_dir) / f"memory-{device.replace(' ', '_')}.md")
 
 
 if __name__ == "__main__":
