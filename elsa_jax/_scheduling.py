@@ -20,10 +20,12 @@ default, concurrency-optimised scheduler does: it decodes the low-precision
 state of every matrix first), so that the float32 temporaries of every matrix
 are alive at once. JAX exposes no control dependencies, and
 ``jax.lax.optimization_barrier`` did not survive XLA:CPU's passes, so the order
-is made a data dependency: the next matrix's inputs get a float32 zero computed
-from the previous matrix's results. XLA does not fold ``x * 0.0`` for floats
-(it is NaN for infinite ``x``), so the dependency stays; the values do not
-change.
+is made a data dependency: the inputs of the next group of matrices
+(:func:`leaf_groups`) get a float32 zero computed from small results of the
+previous group (its new scales, its sums). XLA does not fold ``x * 0.0`` for
+floats (it is NaN for infinite ``x``), so the dependency stays; the values do
+not change. Their effect is measured on XLA:CPU (BENCHMARKS.md), not yet on a
+GPU or TPU, whose schedulers differ.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ GROUP_ENTRIES = 2**22
 
 def zero_after(*xs: jax.Array) -> jax.Array:
   """A float32 zero that XLA can only compute once all of ``xs`` exist.
+
+  It reads every entry of ``xs``: pass small arrays (scales, sums).
 
   Example:
     >>> import jax.numpy as jnp
