@@ -779,14 +779,10 @@ def admm(
         return _encode_score(v, score_dtype)
 
       # Group after group for int8 scores, as for int8 moments (:mod:`elsa_jax._scheduling`).
-      columns = [treedef.flatten_up_to(t) for t in (updates, state.score, state.score_scale, keep)]
-      after = jnp.zeros([], jnp.float32)
-      new = [None] * len(columns[0])
-      for group in _scheduling.leaf_groups([g.size for g in columns[0]]):
-        for i in group:
-          new[i] = ema(*(c[i] for c in columns), after)
-        if score_dtype == jnp.int8:
-          after = _scheduling.zero_after(*(new[i][1] for i in group if columns[3][i]))
+      rows = list(zip(*(treedef.flatten_up_to(t) for t in (updates, state.score, state.score_scale, keep))))
+      new = _scheduling.map_in_groups(
+          ema, rows, [g.size for g, *_ in rows],
+          deps=(lambda i, o: o[1:] if rows[i][3] else ()) if score_dtype == jnp.int8 else None)
       score, score_scale = _low_precision.unzip(treedef.unflatten(new), params, 2)
     else:
       score, score_scale = state.score, state.score_scale
@@ -900,16 +896,15 @@ def admm(
       masks = masks_of(scores, [leaf_sparsity(flat[i][0], count) for i in members])
       z = [jnp.where(m, y_, 0.0) for m, y_ in zip(masks, y)]
       u_next = [u_ + w_ - z_ for u_, w_, z_ in zip(u_prev, w, z)]
+      encoded = [(_encode_state(z_, state_dtype, scale_axis), _encode_state(un, state_dtype, scale_axis))
+                 for z_, un in zip(z, u_next)]
       sums = jnp.stack([
           total([jnp.sum(jnp.square(w_ - z_)) for w_, z_ in zip(w, z)]),
           total([jnp.sum(jnp.square(w_)) for w_ in w]),
           total([jnp.sum(jnp.square(z_ - zp)) for z_, zp in zip(z, z_prev)]),
           total([jnp.sum((z_ != 0) != (zp != 0), dtype=jnp.float32) for z_, zp in zip(z, z_prev)]),
+          total([jnp.sum(quant.is_zero(zq), dtype=jnp.float32) for (zq, _), _ in encoded]),  # stored zeros
       ])
-      encoded = [(_encode_state(z_, state_dtype, scale_axis), _encode_state(un, state_dtype, scale_axis))
-                 for z_, un in zip(z, u_next)]
-      zeros = total([jnp.sum(quant.is_zero(zq), dtype=jnp.float32) for (zq, _), _ in encoded])
-      sums = jnp.concatenate([sums, zeros[None]])
       return encoded, sums
 
     # The update runs group by group (the groups of the joint bisection), so

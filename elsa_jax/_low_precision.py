@@ -181,14 +181,9 @@ def scale_by_adam_lowp(
     # previous group's new block scales, so that XLA does not decode the
     # moments of every leaf before it re-encodes any (:mod:`elsa_jax._scheduling`).
     flat, treedef = jax.tree.flatten(updates)
-    states = list(zip(*(treedef.flatten_up_to(t) for t in (state.mu, state.mu_scale, state.nu, state.nu_scale))))
-    after = jnp.zeros([], jnp.float32)
-    out = [None] * len(flat)
-    for group in _scheduling.leaf_groups([g.size for g in flat]):
-      for i in group:
-        out[i] = leaf(flat[i], *states[i], after)
-      if moment_dtype == "int8":
-        after = _scheduling.zero_after(*(x for i in group for x in out[i][3:]))
+    rows = list(zip(flat, *(treedef.flatten_up_to(t) for t in (state.mu, state.mu_scale, state.nu, state.nu_scale))))
+    out = _scheduling.map_in_groups(leaf, rows, [g.size for g in flat],
+                                    deps=(lambda i, o: o[3:]) if moment_dtype == "int8" else None)
     new_updates, mu, nu, mu_scale, nu_scale = unzip(treedef.unflatten(out), updates, 5)
     return new_updates, ScaleByAdamLowpState(
         count=count_inc, mu=mu, nu=nu, mu_scale=mu_scale, nu_scale=nu_scale

@@ -76,6 +76,31 @@ def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, bits) + zero.astype(bits), x.dtype)
 
 
+def map_in_groups(fn, rows, sizes, deps=None) -> list:
+  """``[fn(*row, after) for row in rows]``, group after group (:func:`leaf_groups` of ``sizes``).
+
+  ``after`` is a float32 zero computed from ``deps(i, out)`` (small arrays)
+  of every output of the previous group, so XLA finishes a group before it
+  starts the next; ``deps=None`` passes a constant zero (no ordering).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from elsa_jax import _scheduling
+    >>> rows = [(jnp.ones(2),), (jnp.ones(3),)]
+    >>> out = _scheduling.map_in_groups(lambda x, after: x + after, rows, [2, 3], deps=lambda i, o: (o,))
+    >>> [o.tolist() for o in out]
+    [[1.0, 1.0], [1.0, 1.0, 1.0]]
+  """
+  after = jnp.zeros([], jnp.float32)
+  out = [None] * len(rows)
+  for group in leaf_groups(sizes):
+    for i in group:
+      out[i] = fn(*rows[i], after)
+    if deps is not None:
+      after = zero_after(*(d for i in group for d in deps(i, out[i])))
+  return out
+
+
 def leaf_groups(sizes, max_joint_entries: int | None = None) -> list[list[int]]:
   """Splits consecutive arrays into groups of at most ``max_joint_entries`` entries.
 

@@ -250,8 +250,6 @@ def activation_scores(stats: list[dict[str, jax.Array]]) -> dict:
   return {"layers": layers}
 
 
-
-
 @dataclasses.dataclass
 class RunResult:
   params: Any
