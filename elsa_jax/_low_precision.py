@@ -172,9 +172,20 @@ def scale_by_adam_lowp(
       g32 = g.astype(jnp.float32) + after
       m = b1 * _decode_mu(mq, ms, block_size) + (1 - b1) * g32
       v = b2 * _decode_nu(vq, vs, block_size) + (1 - b2) * jnp.square(g32)
-      step = (m / c1) / (jnp.sqrt(v / c2 + eps_root) + eps)
       m_q, m_s = _encode_mu(m, moment_dtype, block_size)
       v_q, v_s = _encode_nu(v, moment_dtype, block_size)
+      if moment_dtype == "int8":
+        # The step is taken with the moments as stored (decoded), read from
+        # their new int8 buffers. Otherwise XLA recomputes the float32
+        # moments (from the old moments and, through the penalised gradient,
+        # the old params) both where it encodes them and where it updates
+        # the params, and so copies every param and first moment at the start
+        # of the step to keep the old values: 5 bytes per parameter of
+        # temporaries, live through the backward pass.
+        m_q = _scheduling.materialize(m_q, m_s, v_s)
+        v_q = _scheduling.materialize(v_q, m_s, v_s)
+        m, v = _decode_mu(m_q, m_s, block_size), _decode_nu(v_q, v_s, block_size)
+      step = (m / c1) / (jnp.sqrt(v / c2 + eps_root) + eps)
       return step.astype(g.dtype), m_q, v_q, m_s, v_s
 
     # Group after group: with int8 moments each group of leaves waits for the

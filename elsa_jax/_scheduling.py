@@ -76,6 +76,42 @@ def after(x: jax.Array, *deps: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, bits) + zero.astype(bits), x.dtype)
 
 
+def materialize(x: jax.Array, *deps: jax.Array) -> jax.Array:
+  """``x`` unchanged, computed once into a buffer that all its consumers read.
+
+  XLA fuses a cheap elementwise producer into each of its consumers and
+  recomputes it there from its inputs. When one of those consumers overwrites
+  an input in place (a donated param or optimizer state), the others must run
+  first, and when no data dependency orders them XLA copies the input at the
+  start of the program instead. An integer division is an operation XLA does
+  not duplicate into consumers (it counts as expensive), so ``x`` is divided
+  by a one that XLA cannot fold (computed from ``deps``, small arrays that
+  exist when ``x`` does), four 8-bit entries at a time as one uint32 word.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from elsa_jax import _scheduling
+    >>> _scheduling.materialize(jnp.arange(-4, 4, dtype=jnp.int8), jnp.ones(2)).tolist()
+    [-4, -3, -2, -1, 0, 1, 2, 3]
+
+  Args:
+    x: an integer array.
+    *deps: small arrays (read once).
+
+  Returns:
+    ``x``.
+  """
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"materialize takes integer arrays, got {x.dtype}.")
+  words = x.dtype.itemsize == 1 and x.ndim > 0 and x.shape[-1] % 4 == 0
+  word_dtype = jnp.uint32 if words else x.dtype
+  one = (zero_after(*deps) + 1.0).astype(word_dtype)
+  if not words:
+    return jax.lax.div(x, one)
+  packed = jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], x.shape[-1] // 4, 4), jnp.uint32)
+  return jax.lax.bitcast_convert_type(jax.lax.div(packed, one), x.dtype).reshape(x.shape)
+
+
 def map_in_groups(fn, rows, sizes, deps=None) -> list:
   """``[fn(*row, after) for row in rows]``, group after group (:func:`leaf_groups` of ``sizes``).
 

@@ -2,6 +2,7 @@
 
 import re
 
+import chex
 import jax
 import pytest
 
@@ -112,3 +113,50 @@ def test_elsa_l_step_peaks_below_fp32(monkeypatch, ordered):
     assert ratio > 1.4, peaks
   else:
     assert ratio < 1.4, peaks
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_int8_adam_updates_params_in_place(monkeypatch, in_place):
+  """The int8 Adam update does not copy the donated params and moments.
+
+  The gradient reads the params (as ELSA's penalty does), so without
+  :func:`elsa_jax._scheduling.materialize` XLA recomputes the float32 moments
+  where it encodes them and where it updates the params, and must copy the
+  old params and first moments first (``in_place=False`` drops it).
+  """
+  import jax.numpy as jnp
+  import optax
+
+  from elsa_jax import _low_precision
+  from elsa_jax import _quantization as quant
+  from elsa_jax import _scheduling
+
+  if not in_place:
+    monkeypatch.setattr(_scheduling, "materialize", lambda x, *deps: x)
+  monkeypatch.setattr(_scheduling, "GROUP_ENTRIES", 512 * 1024)  # one matrix at a time
+  keys = jax.random.split(jax.random.key(int(jax.random.randint(jax.random.key(7), (), 0, 1000))), 8)
+  params = {f"w{i}": jax.random.normal(k, (512, 1024)) for i, k in enumerate(keys)}
+  tx = elsa_jax.adam_lowp(1e-3, moment_dtype="int8")
+
+  def step(params, state, x):
+    grads = jax.tree.map(lambda w: x * w + 0.1 * w, params)  # reads the params, like the ADMM penalty
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  x = jnp.float32(0.5)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, x).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  param_bytes = sum(4 * p.size for p in params.values())
+  if in_place:
+    assert temp < 0.5 * param_bytes, (temp, param_bytes)
+    # The step is Adam's, taken with the moments as the new state stores them.
+    new, new_state = jax.jit(step)(params, state, x)
+    adam = new_state[0]
+    nu = _low_precision.second_moment(adam)
+    for k in params:
+      mu = quant.dequantize_blockwise(adam.mu[k], adam.mu_scale[k])
+      expected = -1e-3 * (mu / (1 - 0.9)) / (jnp.sqrt(nu[k] / (1 - 0.999)) + 1e-8)
+      chex.assert_trees_all_close(new[k] - params[k], expected, rtol=1e-4, atol=1e-6)
+  else:
+    assert temp > param_bytes, (temp, param_bytes)
