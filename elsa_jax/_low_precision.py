@@ -25,7 +25,9 @@
   rounded to zero, so ``m / sqrt(nu)`` cannot blow up through quantisation.
 
 The arithmetic runs in float32; moments are dequantised, updated and
-requantised with fresh block scales at every step.
+requantised with fresh block scales at every step. With int8 moments the step
+``m / (sqrt(v) + eps)`` is taken with the requantised moments (the values the
+state stores), which lets XLA update the params and moments in place.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def scale_by_adam_lowp(
   """Rescales updates by Adam with moments stored in reduced precision.
 
   Same update as :func:`optax.scale_by_adam` (bias-corrected), computed in
-  float32 from dequantised moments.
+  float32 from dequantised moments; with ``"int8"`` the step reads the new
+  moments as stored (after requantisation).
 
   Example:
     >>> import jax.numpy as jnp

@@ -26,6 +26,10 @@ previous group (its new scales, its sums). XLA does not fold ``x * 0.0`` for
 floats (it is NaN for infinite ``x``), so the dependency stays; the values do
 not change. Their effect is measured on XLA:CPU (BENCHMARKS.md), not yet on a
 GPU or TPU, whose schedulers differ.
+
+:func:`materialize` is the other tool: it keeps XLA from recomputing an
+array inside each of its consumers, which for an in-place update of donated
+state otherwise costs a copy of the state.
 """
 
 from __future__ import annotations
