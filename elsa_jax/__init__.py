@@ -41,3 +41,17 @@ from elsa_jax._oneshot import sparsegpt_prune
 from elsa_jax._oneshot import wanda_prune
 from elsa_jax._oneshot import wanda_score
 from elsa_jax._sam import sam_gradient
+
+# Public subpackages, reachable as attributes (``elsa_jax.llama.from_pretrained``).
+from elsa_jax import assets
+from elsa_jax import baselines
+from elsa_jax import checkpoint
+from elsa_jax import data
+from elsa_jax import distributed
+from elsa_jax import evaluate
+from elsa_jax import gguf_tokenizer
+from elsa_jax import llama
+from elsa_jax import memory
+from elsa_jax import pipeline
+from elsa_jax import sharding
+from elsa_jax import train

@@ -10,7 +10,6 @@ cached under :func:`cache_dir`:
     $ELSA_JAX_CACHE (default ~/.cache/elsa_jax)/
       downloads/                      wheels and sdists fetched by pip
       models/SmolLM2-135M-Instruct.Q4_1.gguf
-      tokenizers/SmolLM2-135M-Instruct/   save_pretrained() of the GGUF tokenizer
       text/v1/wikipedia.jsonl         cleaned Wikipedia articles (all of them)
       text/v1/calibration.jsonl       the "calibration" split
       text/v1/evaluation.jsonl        the "evaluation" split
@@ -49,7 +48,6 @@ import logging
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -289,43 +287,22 @@ def default_model_path() -> pathlib.Path:
   return path
 
 
-def _tokenizer_dir() -> pathlib.Path:
-  return cache_dir() / "tokenizers" / pathlib.Path(MODEL_FILE.member).name.split(".")[0]
-
-
 def gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
-  """Builds the transformers tokenizer stored in a GGUF file's metadata."""
-  from transformers import AutoTokenizer
+  """Builds the tokenizer stored in a GGUF file's metadata (no torch needed)."""
+  from elsa_jax import gguf_tokenizer as gguf_tokenizer_lib
 
-  path = pathlib.Path(path)
-  return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+  return gguf_tokenizer_lib.from_gguf(path)
 
 
 def default_tokenizer() -> Any:
   """Returns SmolLM2's tokenizer (a ``transformers`` fast tokenizer).
 
-  The first call converts the tokenizer stored in the GGUF metadata (GPT-2
-  style byte-level BPE, 49152 tokens; eos ``<|im_end|>``) with transformers'
-  GGUF loader and saves it with ``save_pretrained`` under
-  ``<cache>/tokenizers``; later calls load that folder, which is much faster.
+  Built from the GGUF metadata of :func:`default_model_path` (GPT-2 style
+  byte-level BPE, 49152 tokens; eos ``<|im_end|>``) by
+  :func:`elsa_jax.gguf_tokenizer.from_gguf`, which gives the same ids as
+  transformers' GGUF loader without importing torch.
   """
-  from transformers import AutoTokenizer
-
-  folder = _tokenizer_dir()
-  if not (folder / "tokenizer.json").is_file():
-    with _locked("tokenizer"):
-      if not (folder / "tokenizer.json").is_file():
-        tokenizer = gguf_tokenizer(default_model_path())
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.")
-        try:
-          tokenizer.save_pretrained(tmp)
-          if folder.exists():  # an incomplete folder left by a crash
-            shutil.rmtree(folder)
-          os.replace(tmp, folder)
-        finally:
-          shutil.rmtree(tmp, ignore_errors=True)
-  return AutoTokenizer.from_pretrained(folder)
+  return gguf_tokenizer(default_model_path())
 
 
 # ----------------------------------------------------------------------------

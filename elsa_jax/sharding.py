@@ -7,11 +7,18 @@ it). Parameters carry logical axis names (see :func:`elsa_jax.llama.logical_axes
 a table of rules maps each logical name to a mesh axis, exactly like
 ``flax.linen.logical_to_mesh_axes``.
 
-Example::
-
-  mesh = elsa_jax.sharding.make_mesh(data=4, model=2)
-  shardings = elsa_jax.sharding.param_shardings(logical_axes(model), params, mesh)
-  params = jax.device_put(params, shardings)
+Example (on any number of devices):
+  >>> import jax
+  >>> from flax import nnx
+  >>> from elsa_jax import llama, sharding
+  >>> config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+  ...                            num_hidden_layers=1, num_attention_heads=2)
+  >>> model = llama.Llama(config, rngs=nnx.Rngs(0))
+  >>> graphdef, params = llama.split(model)
+  >>> mesh = sharding.make_mesh(data=-1, model=1)
+  >>> params = jax.device_put(params, sharding.param_shardings(llama.logical_axes(model), params, mesh))
+  >>> tuple(params["layers"][0]["mlp"]["up_proj"]["kernel"].sharding.spec)
+  ('data', 'model')
 """
 
 from __future__ import annotations

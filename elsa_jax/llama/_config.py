@@ -15,10 +15,12 @@ _ROPE_TYPES = ("default", "linear", "llama3")
 class LlamaConfig:
   """Shape and numerics of a LLaMA-family decoder (field names follow HF's LlamaConfig).
 
-  Example::
-
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+  Example:
+    >>> from elsa_jax.llama import LlamaConfig
+    >>> config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+    ...                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    >>> config.to_hf_dict()["model_type"], config.num_key_value_heads
+    ('llama', 2)
   """
 
   vocab_size: int = 32000

@@ -130,9 +130,16 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtyp
     FileNotFoundError: no such directory / hub id unreachable / no weights.
     ValueError: not a LLaMA config, a missing or unexpected tensor, a shape mismatch.
 
-  Example::
-
-    model, config = elsa_jax.llama.from_pretrained("path/to/Llama-3.2-1B")
+  Example (``directory`` holds an HF LLaMA: config.json and safetensors):
+    >>> import tempfile
+    >>> from flax import nnx
+    >>> from elsa_jax import llama
+    >>> config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+    ...                            num_hidden_layers=1, num_attention_heads=2)
+    >>> directory = llama.save_pretrained(llama.Llama(config, rngs=nnx.Rngs(0)), config, tempfile.mkdtemp())
+    >>> model, loaded = llama.from_pretrained(directory)
+    >>> loaded == config, model.layers[0].mlp.up_proj.kernel.shape
+    (True, (32, 48))
   """
   from safetensors import safe_open
 
@@ -215,10 +222,16 @@ def save_pretrained(model: Llama | tuple[Any, dict], config: LlamaConfig, path: 
     max_shard_size: shard into several files with an index above this size.
     overwrite: replace a non-empty existing directory.
 
-  Example::
-
-    elsa_jax.llama.save_pretrained(model, config, "out/pruned")
-    # transformers.LlamaForCausalLM.from_pretrained("out/pruned")
+  Example (``transformers.LlamaForCausalLM.from_pretrained(out)`` then loads it):
+    >>> import os, tempfile
+    >>> from flax import nnx
+    >>> from elsa_jax import llama
+    >>> config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+    ...                            num_hidden_layers=1, num_attention_heads=2)
+    >>> out = llama.save_pretrained(llama.Llama(config, rngs=nnx.Rngs(0)), config,
+    ...                             os.path.join(tempfile.mkdtemp(), "pruned"))
+    >>> sorted(os.listdir(out))
+    ['config.json', 'model.safetensors']
   """
   from safetensors.flax import save_file
 

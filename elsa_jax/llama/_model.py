@@ -210,11 +210,15 @@ class Llama(nnx.Module):
       layer instead of all of them (compile time independent of depth).
     rngs: initialisation randomness.
 
-  Example::
-
-    model = Llama(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=2, num_attention_heads=4), rngs=nnx.Rngs(0))
-    logits = model(jnp.zeros((1, 8), jnp.int32))  # [1, 8, 512] float32
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from elsa_jax.llama import Llama, LlamaConfig
+    >>> model = Llama(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+    ...                           num_hidden_layers=2, num_attention_heads=4), rngs=nnx.Rngs(0))
+    >>> logits = model(jnp.zeros((1, 8), jnp.int32))
+    >>> logits.shape, logits.dtype
+    ((1, 8, 512), dtype('float32'))
   """
 
   def __init__(self, config: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, remat: bool | str = False,
