@@ -2,7 +2,7 @@
 """Predicted against measured per-device memory of the ELSA train step.
 
 For each configuration, a fresh subprocess (1) predicts the step's memory with
-``elsa_jax.memory.predict_memory`` (XLA's buffer assignment, nothing
+``elsa_jax.run.memory.predict_memory`` (XLA's buffer assignment, nothing
 allocated), (2) builds the random-weight model and its optimizer state on
 the device, compiles the step, and (3) runs a few steps while measuring the
 peak: ``peak_bytes_in_use`` of the device where the runtime reports it (GPU,
@@ -57,7 +57,13 @@ def _child(spec: dict) -> dict:
   import numpy as np
   from flax import nnx
 
-  from elsa_jax import llama, memory, sharding, train
+  from elsa_jax.models import llama
+
+  from elsa_jax.run import memory
+
+  from elsa_jax.run import sharding
+
+  from elsa_jax.run import train
 
   config = llama.LlamaConfig(**{**SIZES[spec["size"]], **spec.get("override", {})})
   cfg = train.ElsaConfig(batch_size=spec["batch_size"], seqlen=spec["seqlen"], steps=100, interval=2,
@@ -136,7 +142,10 @@ def _child(spec: dict) -> dict:
 
 def _largest_fitting(spec: dict, capacity: int) -> tuple[int, int]:
   """(layers, predicted peak bytes) of the deepest model of ``spec``'s width that fits ``capacity``."""
-  from elsa_jax import llama, memory, sharding, train
+  from elsa_jax.models import llama
+  from elsa_jax.run import memory
+  from elsa_jax.run import sharding
+  from elsa_jax.run import train
 
   mesh = sharding.make_mesh(1, 1)
   cfg = train.ElsaConfig(batch_size=spec["batch_size"], seqlen=spec["seqlen"], steps=100, interval=2,

@@ -3,7 +3,7 @@
 
 Writes ``results/quality-<preset>.md`` (a markdown table) and, where matplotlib
 is installed (the ``bench`` extra), ``results/quality-<preset>.png`` (perplexity vs sparsity, log
-scale). Every cell is one ``elsa_jax.pipeline.prune`` run with the same
+scale). Every cell is one ``elsa_jax.cli.jobs.prune`` run with the same
 calibration and evaluation text.
 
   python scripts/bench_quality.py --preset cpu                   # 2-core CPU, short budget (~1 h)
@@ -29,8 +29,8 @@ import time
 
 import jax
 
-from elsa_jax import pipeline
-from elsa_jax import train
+from elsa_jax.cli import jobs as pipeline
+from elsa_jax.run import train
 
 ALL_METHODS = ("magnitude", "wanda", "sparsegpt", "safe", "elsa")
 ALL_PATTERNS = ("0.5", "0.6", "0.7", "0.8", "0.9", "2:4")

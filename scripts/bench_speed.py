@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from elsa_jax import llama
-from elsa_jax import train
+from elsa_jax.models import llama
+from elsa_jax.run import train
 
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from elsa_jax._files import atomic_directory
+from elsa_jax.files import atomic_directory
 
 
 def test_a_failed_write_leaves_the_old_directory_and_no_debris(tmp_path):

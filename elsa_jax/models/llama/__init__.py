@@ -1,0 +1,22 @@
+"""Flax NNX LLaMA: the model, and its conversion from/to Hugging Face and GGUF weights."""
+
+from elsa_jax.models.llama.config import LlamaConfig
+from elsa_jax.models.llama.convert import config_from_pretrained, from_pretrained, save_pretrained, hf_name, flax_path
+from elsa_jax.models.llama.gguf import config_from_gguf_file, from_gguf, tokenizer_from_gguf
+from elsa_jax.models.llama.model import (
+    REMAT_POLICIES,
+    Llama,
+    apply,
+    logical_axes,
+    logical_axes_of,
+    merge,
+    param_count,
+    remat_policy,
+    rope_inv_freq,
+    split,
+)
+
+__all__ = [
+    "REMAT_POLICIES", "Llama", "LlamaConfig", "apply", "config_from_gguf_file", "config_from_pretrained", "flax_path", "from_gguf", "from_pretrained", "hf_name", "logical_axes",
+    "logical_axes_of", "merge", "param_count", "remat_policy", "rope_inv_freq", "save_pretrained", "split", "tokenizer_from_gguf",
+]

@@ -1,0 +1,278 @@
+"""Hugging Face <-> elsa_jax conversion: safetensors directories and hub ids.
+
+The mapping is a rename plus a transpose of Linear weights (HF ``[out, in]``,
+Flax ``[in, out]``); values are copied bit for bit, so HF -> elsa_jax -> HF is
+exact in any dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from elsa_jax.files import atomic_directory
+from elsa_jax.models.llama.config import LlamaConfig
+from elsa_jax.models.llama.model import Llama, merge, split
+
+_SUFFIX = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def hf_name(path: tuple) -> str:
+  """HF tensor name of a param path, e.g. ('layers', 0, 'mlp', 'up_proj', 'kernel') ->
+  'model.layers.0.mlp.up_proj.weight'."""
+  *module, leaf = (str(p) for p in path)
+  prefix = "" if module[0] == "lm_head" else "model."
+  return prefix + ".".join(module) + "." + _SUFFIX[leaf]
+
+
+def flax_path(params: dict) -> dict[str, tuple]:
+  """HF name -> param path for every leaf of ``params``."""
+  out = {}
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = tuple(k.key for k in path)
+    out[hf_name(keys)] = keys
+  return out
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+  for k in path[:-1]:
+    tree = tree[k]
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple) -> Any:
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _resolve(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
+  path = pathlib.Path(path_or_hub_id)
+  if path.is_dir():
+    return path
+  if path.exists():
+    raise ValueError(f"{path} is a file; from_pretrained takes an HF model directory "
+                     f"(config.json + *.safetensors). For a .gguf file use elsa_jax.models.llama.from_gguf.")
+  name = str(path_or_hub_id)
+  if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/")):
+    try:
+      from huggingface_hub import snapshot_download
+
+      return pathlib.Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as err:  # no network, unknown repo, gated model...
+      raise FileNotFoundError(
+          f"no local directory {name!r}, and the hub id {name!r} could not be downloaded ({type(err).__name__}: "
+          f"{err}); check the network and the id, or pass a local HF directory."
+      ) from err
+  raise FileNotFoundError(f"no such file or directory: {name!r}; pass an HF model directory, a hub id "
+                          f"(org/name) or a .gguf file.")
+
+
+def _tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+  """Tensor name -> safetensors file, from the shard index if there is one."""
+  index = directory / "model.safetensors.index.json"
+  if index.exists():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return {name: directory / file for name, file in weight_map.items()}
+  files = sorted(directory.glob("*.safetensors"))
+  if not files:
+    raise FileNotFoundError(f"{directory} holds no *.safetensors weights (PyTorch .bin checkpoints are "
+                            f"not read; re-save the model with safe_serialization=True).")
+  from safetensors import safe_open
+
+  out = {}
+  for f in files:
+    with safe_open(f, framework="flax") as fh:
+      out.update({name: f for name in fh.keys()})
+  return out
+
+
+def config_from_pretrained(path_or_hub_id: str | os.PathLike) -> LlamaConfig:
+  """The :class:`LlamaConfig` of an HF directory (or hub id), without reading any weight."""
+  directory = _resolve(path_or_hub_id)
+  config_file = directory / "config.json"
+  if not config_file.exists():
+    raise FileNotFoundError(f"{directory} has no config.json; it is not an HF model directory.")
+  return LlamaConfig.from_hf(json.loads(config_file.read_text()))
+
+
+def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
+                    remat: bool = False, shardings: Any = None) -> tuple[Llama, LlamaConfig]:
+  """Loads an HF LLaMA (config.json + safetensors, sharded or not) as an NNX model.
+
+  With ``shardings``, every weight is built by
+  :func:`jax.make_array_from_callback` straight into its target sharding:
+  each process reads, from the safetensors files, only the slices its own
+  devices hold (no process ever holds a whole copy of the model).
+
+  Args:
+    path_or_hub_id: a local HF directory, or a hub id where a network exists.
+    dtype: compute dtype of the model.
+    param_dtype: dtype the weights are stored in.
+    remat: rematerialise decoder layers in the backward pass.
+    shardings: None (whole arrays on the default device), or a function
+      ``(abstract_params, logical_axes) -> tree of jax.sharding.Sharding``,
+      e.g. ``lambda p, axes: elsa_jax.run.sharding.param_shardings(axes, p, mesh)``.
+
+  Returns:
+    ``(model, config)``.
+
+  Raises:
+    FileNotFoundError: no such directory / hub id unreachable / no weights.
+    ValueError: not a LLaMA config, a missing or unexpected tensor, a shape mismatch.
+
+  Example (``directory`` holds an HF LLaMA: config.json and safetensors):
+    >>> import tempfile
+    >>> from flax import nnx
+    >>> from elsa_jax.models import llama
+    >>> config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+    ...                            num_hidden_layers=1, num_attention_heads=2)
+    >>> directory = llama.save_pretrained(llama.Llama(config, rngs=nnx.Rngs(0)), config, tempfile.mkdtemp())
+    >>> model, loaded = llama.from_pretrained(directory)
+    >>> loaded == config, model.layers[0].mlp.up_proj.kernel.shape
+    (True, (32, 48))
+  """
+  from safetensors import safe_open
+
+  directory = _resolve(path_or_hub_id)
+  config = config_from_pretrained(directory)
+  abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, param_dtype=param_dtype, remat=remat))
+  graphdef, shapes = split(abstract)
+  names = flax_path(shapes)
+  files = _tensor_files(directory)
+  missing = sorted(set(names) - set(files))
+  if missing:
+    raise ValueError(f"{directory} lacks tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} that a "
+                     f"LLaMA with this config.json needs; the checkpoint is incomplete or of another model.")
+  extra = sorted(n for n in set(files) - set(names)
+                 if not _IGNORED.search(n) and not (n == "lm_head.weight" and config.tie_word_embeddings))
+  if extra:
+    raise ValueError(f"{directory} holds tensor(s) {extra[:5]} that this LLaMA does not use; the config.json "
+                     f"does not describe these weights (another architecture, or biases not declared).")
+  params = jax.tree.map(lambda s: None, shapes)
+  if shardings is not None:
+    from elsa_jax.models.llama.model import logical_axes
+
+    shardings = shardings(shapes, logical_axes(abstract))
+  by_file: dict[pathlib.Path, list[str]] = {}
+  for name in names:
+    by_file.setdefault(files[name], []).append(name)
+  for file, file_names in by_file.items():
+    with safe_open(file, framework="flax") as fh:
+      for name in file_names:
+        path = names[name]
+        want = tuple(_get(shapes, path).shape)
+        transpose = path[-1] == "kernel"
+        stored = tuple(fh.get_slice(name).get_shape())
+        if (stored[::-1] if transpose else stored) != want:
+          raise ValueError(f"tensor {name} has shape {stored} (HF layout; Linear weights are [out, in]) "
+                           f"but the config.json implies {want[::-1] if transpose else want}; the weights "
+                           f"and config do not match.")
+        if shardings is None:
+          tensor = fh.get_tensor(name)
+          _set(params, path, jnp.asarray(tensor.T if transpose else tensor, dtype=param_dtype))
+        else:
+          _set(params, path, _load_sharded(fh.get_slice(name), want, _get(shardings, path), transpose,
+                                           param_dtype))
+  return merge(graphdef, params), config
+
+
+def _load_sharded(tensor_slice, shape, sharding, transpose: bool, dtype) -> jax.Array:
+  """A global array whose every addressable shard is read from its own slice of the file."""
+
+  def read(index: tuple) -> np.ndarray:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    if transpose:  # our [in, out] shard (i, o) is the file's [out, in] slice (o, i), transposed
+      return np.asarray(tensor_slice[index[::-1]]).T.astype(dtype)
+    return np.asarray(tensor_slice[index]).astype(dtype)
+
+  return jax.make_array_from_callback(shape, sharding, read)
+
+
+def _parse_size(size: int | str) -> int:
+  if isinstance(size, int):
+    return size
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+  if not m:
+    raise ValueError(f"max_shard_size {size!r} is not a size such as '5GB' or '200MB'.")
+  return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
+
+
+def save_pretrained(model: Llama | tuple[Any, dict], config: LlamaConfig, path: str | os.PathLike, *,
+                    dtype=None, max_shard_size: int | str = "5GB", overwrite: bool = False) -> pathlib.Path:
+  """Writes an HF directory (config.json + safetensors) that LlamaForCausalLM loads.
+
+  The directory appears whole or not at all: it is written beside the target
+  and renamed at the end.
+
+  Args:
+    model: an NNX :class:`Llama` or ``(graphdef, params)``.
+    config: its config.
+    path: the output directory (must not exist or be empty unless ``overwrite``).
+    dtype: cast the weights to this dtype (default: keep theirs).
+    max_shard_size: shard into several files with an index above this size.
+    overwrite: replace a non-empty existing directory.
+
+  Example (``transformers.LlamaForCausalLM.from_pretrained(out)`` then loads it):
+    >>> import os, tempfile
+    >>> from flax import nnx
+    >>> from elsa_jax.models import llama
+    >>> config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+    ...                            num_hidden_layers=1, num_attention_heads=2)
+    >>> out = llama.save_pretrained(llama.Llama(config, rngs=nnx.Rngs(0)), config,
+    ...                             os.path.join(tempfile.mkdtemp(), "pruned"))
+    >>> sorted(os.listdir(out))
+    ['config.json', 'model.safetensors']
+  """
+  from safetensors.flax import save_file
+
+  path = pathlib.Path(path)
+  if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+    raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True or choose another directory.")
+  params = model[1] if isinstance(model, tuple) else split(model)[1]
+  tensors = {}
+  for name, p in flax_path(params).items():
+    value = jnp.asarray(jax.device_get(_get(params, p)))
+    if dtype is not None:
+      value = value.astype(dtype)
+    tensors[name] = value.T if p[-1] == "kernel" else value
+  limit = _parse_size(max_shard_size)
+  shards: list[dict[str, Any]] = [{}]
+  size = 0
+  for name in sorted(tensors, key=_natural_key):
+    nbytes = tensors[name].size * tensors[name].dtype.itemsize
+    if shards[-1] and size + nbytes > limit:
+      shards.append({})
+      size = 0
+    shards[-1][name] = tensors[name]
+    size += nbytes
+  with atomic_directory(path) as tmp:
+    hf_config = config.to_hf_dict()
+    first = next(iter(tensors.values()))
+    hf_config["torch_dtype"] = str(first.dtype)
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if len(shards) == 1:
+      save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+      weight_map = {}
+      for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+      total = sum(t.size * t.dtype.itemsize for t in tensors.values())
+      (tmp / "model.safetensors.index.json").write_text(
+          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+  return path
+
+
+def _natural_key(name: str):
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

@@ -1,0 +1,449 @@
+"""The ELSA pruning loop: a sharded, jitted train step, checkpoints and logging.
+
+The loop is deliberately thin: the method lives in the optax transforms
+(:func:`elsa_jax.admm`), the model in :mod:`elsa_jax.models.llama`, the data in
+:mod:`elsa_jax.data.documents`. This module wires them together under a device mesh:
+
+* parameters (fp32 master copy), gradients and optimizer state are placed with
+  ``NamedSharding`` derived from the model's logical axes;
+* one jitted step computes the next-token loss in the compute dtype (bf16 by
+  default), accumulates gradients over micro-batches, applies the optimizer and
+  returns metrics as device arrays (no host sync inside the step);
+* the host reads metrics only every ``log_every`` steps, one step behind, so
+  the device never waits for the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from elsa_jax.optim import transform as _admm
+from elsa_jax.lowp import adam as _low_precision
+from elsa_jax.optim import sam as _sam
+from elsa_jax.run import checkpoint as checkpoint_lib
+from elsa_jax.run import sharding as sharding_lib
+from elsa_jax.models import llama
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElsaConfig:
+  """Hyperparameters of one ELSA run (the resumable part of a run's config)."""
+
+  sparsity: float = 0.5
+  pattern: str = "unstructured"  # unstructured | row | 2:4 | 4:8 (any N:M)
+  lmda: float = 0.01
+  lmda_schedule: str = "constant"  # constant | residual_balancing
+  interval: int = 32
+  projection: str = "objective_aware"  # objective_aware | magnitude
+  score_source: str = "grad_ema"  # grad_ema | base_second_moment | activations (SAFE+)
+  sam_rho: float = 0.0  # > 0: SAFE's sharpness-aware x-update (gradient at w + rho g/||g||)
+  steps: int = 1024
+  batch_size: int = 8
+  grad_accum: int = 1
+  seqlen: int = 1024
+  lr: float = 1e-3
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip: float = 1.0
+  state_dtype: str = "float32"  # z/u storage: float32 | bfloat16 | float8_e4m3fn | float8_e5m2
+  moment_dtype: str = "float32"  # Adam moments: float32 | bfloat16 | int8
+  score_dtype: str | None = None  # grad_ema score: float32 | bfloat16 | int8 (None: the state's width, int8 for fp8)
+  compute_dtype: str = "bfloat16"
+  seed: int = 0
+
+  def __post_init__(self):
+    if not 0.0 <= self.sparsity < 1.0:
+      raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}; e.g. 0.7 prunes 70%.")
+    for name in ("steps", "batch_size", "grad_accum", "seqlen", "interval"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+    if self.lr <= 0:
+      raise ValueError(f"lr must be positive, got {self.lr}.")
+    if self.sam_rho < 0:
+      raise ValueError(f"sam_rho must be >= 0 (0 turns SAM off), got {self.sam_rho}.")
+    if self.score_source not in ("grad_ema", "base_second_moment", "activations"):
+      raise ValueError(f"unknown score source {self.score_source!r}; use grad_ema, base_second_moment "
+                       f"or activations.")
+    parse_pattern(self.pattern)
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.batch_size * self.grad_accum * self.seqlen
+
+
+def parse_pattern(pattern: str) -> tuple[str, tuple[int, int] | None]:
+  """'unstructured' | 'row' | 'N:M' -> (pattern, (n, m) or None)."""
+  if pattern in ("unstructured", "row"):
+    return pattern, None
+  try:
+    n, m = (int(x) for x in pattern.split(":"))
+  except ValueError:
+    raise ValueError(
+        f"unknown sparsity pattern {pattern!r}; use 'unstructured', 'row' or N:M such as '2:4'."
+    ) from None
+  if not 0 < n < m:
+    raise ValueError(f"N:M pattern {pattern!r} needs 0 < N < M, e.g. '2:4'.")
+  return "nm", (n, m)
+
+
+def pattern_sparsity(cfg: ElsaConfig) -> float:
+  """The sparsity a pattern implies: N:M keeps N of every M, i.e. 1 - N/M pruned."""
+  kind, nm = parse_pattern(cfg.pattern)
+  if kind == "nm":
+    n, m = nm
+    return 1.0 - n / m
+  return cfg.sparsity
+
+
+def make_optimizer(cfg: ElsaConfig, fixed_score: Any = None) -> optax.GradientTransformationExtraArgs:
+  """Clip -> ELSA(ADMM around Adam with linear decay), as the paper does.
+
+  ``fixed_score`` (squared input-activation norms per kernel, see
+  :func:`activation_scores`) is required by ``score_source="activations"``.
+  """
+  schedule = optax.linear_schedule(cfg.lr, 0.0, cfg.steps)
+  if cfg.moment_dtype == "float32":
+    base = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  else:
+    base = _low_precision.adam_lowp(
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, moment_dtype=cfg.moment_dtype
+    )
+  kind, nm = parse_pattern(cfg.pattern)
+  kwargs = dict(
+      sparsity=pattern_sparsity(cfg),
+      lmda=cfg.lmda,
+      interval=cfg.interval,
+      projection=cfg.projection,
+      score_source="fixed" if cfg.score_source == "activations" else cfg.score_source,
+      pattern=kind,
+      state_dtype=cfg.state_dtype,
+      score_dtype=cfg.score_dtype,
+  )
+  if nm is not None:
+    kwargs["n_m"] = nm
+  if cfg.score_source == "activations":
+    if fixed_score is None and cfg.projection == "objective_aware":
+      raise ValueError("score_source='activations' needs the activation scores of the calibration data "
+                       "(train.activation_scores); elsa_jax.cli.jobs computes them.")
+    kwargs["fixed_score"] = fixed_score
+  if cfg.lmda_schedule == "residual_balancing":
+    kwargs["lmda_schedule"] = "residual_balancing"
+  elif cfg.lmda_schedule != "constant":
+    raise ValueError(
+        f"unknown lmda schedule {cfg.lmda_schedule!r}; use 'constant' or 'residual_balancing'."
+    )
+  return optax.chain(optax.clip_by_global_norm(cfg.clip), _admm.admm(base, **kwargs))
+
+
+def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Mean cross-entropy of ``logits[:, t]`` against ``tokens[:, t + 1]``."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), tokens[:, 1:]
+  ).mean()
+
+
+def make_loss_fn(graphdef: Any, compute_dtype: jnp.dtype) -> Callable[[Any, jax.Array], jax.Array]:
+  """loss(params, tokens[B, T+1]) with params cast to the compute dtype."""
+
+  def loss_fn(params, tokens):
+    cparams = jax.tree.map(
+        lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
+    )
+    logits = llama.apply(graphdef, cparams, tokens[:, :-1])
+    return next_token_loss(logits, tokens)
+
+  return loss_fn
+
+
+def make_train_step(
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    *,
+    compute_dtype: jnp.dtype = jnp.bfloat16,
+    sam_rho: float = 0.0,
+    z_update: bool | None = None,
+) -> Callable[[Any, Any, jax.Array], tuple[Any, Any, dict[str, jax.Array]]]:
+  """Returns ``step(params, opt_state, batch[accum, B, T+1]) -> (params, opt_state, metrics)``.
+
+  Gradients are averaged over the ``accum`` micro-batches with a ``lax.scan``
+  so that memory stays that of one micro-batch. ``sam_rho > 0`` takes each
+  micro-batch's gradient sharpness-aware (:func:`elsa_jax.sam_gradient`; SAFE).
+  ``z_update`` (True or False) is passed to :func:`elsa_jax.admm` as its static
+  extra argument: build one step with each and call the first when
+  ``step % interval == 0`` (None keeps the on-device conditional).
+  """
+  loss_fn = make_loss_fn(graphdef, compute_dtype)
+  grad_fn = jax.value_and_grad(loss_fn)
+  if sam_rho > 0:
+    grad_fn = _sam.sam_gradient(grad_fn, sam_rho)
+
+  def step(params, opt_state, batch):
+    def micro(carry, tokens):
+      loss_sum, grad_sum = carry
+      loss, grads = grad_fn(params, tokens)
+      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batch)
+    n = batch.shape[0]
+    grads = jax.tree.map(lambda g: g / n, grad_sum)
+    extra = {} if z_update is None else {"z_update": z_update}
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads)}
+    metrics.update(_admm.admm_metrics(opt_state)._asdict())
+    return params, opt_state, metrics
+
+  return step
+
+
+def make_zu_step(tx: optax.GradientTransformation) -> Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]:
+  """Returns ``zu_step(params, opt_state) -> (opt_state, metrics)``: the z/u update on its own.
+
+  Run it right after a step built with ``z_update=False`` at a step where the
+  z/u update is due (``step % interval == 0``), on that step's outputs: the
+  pair equals one step built with ``z_update=True``, but as two programs, so
+  the z/u update's temporaries never coexist with the gradients, activations
+  and base optimizer's temporaries (:func:`elsa_jax.admm`'s
+  ``z_update="deferred"``). ``metrics`` are the z/u update's
+  :class:`elsa_jax.AdmmMetrics`.
+  """
+
+  def zu_step(params, opt_state):
+    _, opt_state = tx.update(params, opt_state, params, z_update="deferred")
+    return opt_state, _admm.admm_metrics(opt_state)._asdict()
+
+  return zu_step
+
+
+def activation_scores(stats: list[dict[str, jax.Array]]) -> dict:
+  """SAFE+'s projection weights from :func:`elsa_jax.oneshot.walk.calibration_statistics`.
+
+  ``||X_j||**2`` of each kernel's input as ``[in, 1]``, in a (prefix) pytree
+  of the LLaMA params: the objective-aware score ``v * w**2`` then ranks by
+  Wanda's ``|w| * ||X_j||``.
+  """
+  from elsa_jax.oneshot import walk as baselines
+
+  layers = {}
+  for i, layer_stats in enumerate(stats):
+    entry: dict = {}
+    for (block, name), key in baselines.LINEAR_INPUTS.items():
+      diag = jnp.diagonal(layer_stats[key]).astype(jnp.float32)
+      entry.setdefault(block, {})[name] = {"kernel": diag[:, None]}
+    layers[i] = entry
+  return {"layers": layers}
+
+
+@dataclasses.dataclass
+class RunResult:
+  params: Any
+  opt_state: Any
+  final_step: int
+  steps_run: int
+  history: list[dict[str, float]]
+  tokens_per_second: float
+
+
+def _to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def run(
+    graphdef: Any,
+    params: Any,
+    cfg: ElsaConfig,
+    batches: Callable[[int], np.ndarray],
+    *,
+    mesh: jax.sharding.Mesh,
+    logical_axes: Any,
+    rules: dict[str, str | None] | None = None,
+    checkpointer: checkpoint_lib.RunCheckpointer | None = None,
+    metrics_path: str | pathlib.Path | None = None,
+    log_every: int = 1,
+    progress: bool = True,
+    stop_after: int | None = None,
+    fixed_score: Any = None,
+    separate_z_update: bool = True,
+) -> RunResult:
+  """Runs (or resumes) ELSA for ``cfg.steps`` optimizer steps.
+
+  Args:
+    graphdef: the model's NNX graph definition (from :func:`elsa_jax.models.llama.split`).
+    params: fp32 master parameters (a pure dict).
+    cfg: the run's hyperparameters.
+    batches: ``batches(step) -> int array [batch_size * grad_accum, seqlen + 1]``,
+      a pure function of the step (so a resumed run sees the same data).
+    mesh: the device mesh (see :func:`elsa_jax.run.sharding.make_mesh`).
+    logical_axes: the params' logical axis names (:func:`elsa_jax.models.llama.logical_axes`).
+    rules: logical axis -> mesh axis rules; defaults to
+      :data:`elsa_jax.run.sharding.DEFAULT_RULES`.
+    checkpointer: saves every N steps and restores the latest checkpoint first.
+    metrics_path: JSONL file that receives one line of metrics per logged step.
+    log_every: how often the host reads metrics (one step behind).
+    progress: show a progress bar (process 0 only).
+    stop_after: stop (after saving) once this many steps have run in this call;
+      used to test interruption.
+    fixed_score: the activation scores of ``score_source="activations"`` (SAFE+).
+    separate_z_update: run the z/u update as its own program after the step it
+      belongs to (:func:`make_zu_step`), so that the run's peak memory is the
+      larger of the two programs', not their sum; False fuses it into the step.
+
+  Returns:
+    A :class:`RunResult` with the final params and optimizer state.
+
+  Raises:
+    FloatingPointError: when the loss becomes NaN or infinite.
+  """
+  rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
+  sharding_lib.fits_mesh(cfg.batch_size, mesh)
+  tx = make_optimizer(cfg, fixed_score)
+  p_shard = sharding_lib.param_shardings(logical_axes, params, mesh, rules)
+  params = jax.device_put(params, p_shard)
+  s_shard = sharding_lib.opt_state_shardings(tx, params, p_shard, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
+
+  start = 0
+  if checkpointer is not None:
+    start, params, opt_state = checkpointer.restore_or(params, opt_state)
+    if start:
+      logger.info("resuming from step %d", start)
+
+  compute_dtype = jnp.dtype(cfg.compute_dtype)
+  data_shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.DATA))
+  end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+  # The steps with and without the z/u update (or the step without it and the
+  # separate z/u program), picked on the host (a lax.cond on the device would
+  # copy z and u through it at every step), all compiled before the timed loop.
+  batch_spec = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.seqlen + 1), jnp.int32,
+                                    sharding=data_shard)
+  dues = sorted({s % cfg.interval == 0 for s in range(start, end)})
+  step_fns = {}
+  for due in sorted({due and not separate_z_update for due in dues}):
+    step_fns[due] = jax.jit(
+        make_train_step(graphdef, tx, compute_dtype=compute_dtype, sam_rho=cfg.sam_rho, z_update=due),
+        in_shardings=(p_shard, s_shard, data_shard),
+        out_shardings=(p_shard, s_shard, sharding_lib.replicated(mesh)),
+        donate_argnums=(0, 1),
+    ).lower(params, opt_state, batch_spec).compile()
+  zu_fn = None
+  if separate_z_update and True in dues:
+    zu_fn = jax.jit(
+        make_zu_step(tx),
+        in_shardings=(p_shard, s_shard),
+        out_shardings=(s_shard, sharding_lib.replicated(mesh)),
+        donate_argnums=(1,),
+    ).lower(params, opt_state).compile()
+
+  is_main = jax.process_index() == 0
+  metrics_file = None
+  if metrics_path is not None and is_main:
+    metrics_path = pathlib.Path(metrics_path)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file = open(metrics_path, "a")
+  bar = None
+  if progress and is_main:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
+
+  history: list[dict[str, float]] = []
+  pending: tuple[int, dict[str, jax.Array], float] | None = None
+  t_first = None
+  steps_timed = 0
+  lr_at = optax.linear_schedule(cfg.lr, 0.0, cfg.steps)
+
+  def flush(entry):
+    step, metrics, t_done = entry
+    host = _to_host(metrics)
+    if not all(math.isfinite(host[k]) for k in ("loss", "grad_norm")):
+      raise FloatingPointError(
+          f"the loss became {host['loss']} at step {step}; nothing was saved from this step. "
+          f"Lower --lr (now {cfg.lr}) or --lmda, or use float32 compute (--compute-dtype float32)."
+      )
+    host["step"] = step
+    host["lr"] = float(lr_at(step - 1))
+    host["time"] = t_done
+    history.append(host)
+    if metrics_file is not None:
+      metrics_file.write(json.dumps(host) + "\n")
+      metrics_file.flush()
+    if bar is not None:
+      elapsed = time.perf_counter() - t_first if t_first else 0.0
+      tps = steps_timed * cfg.tokens_per_step / elapsed if elapsed > 0 else 0.0
+      bar.set_postfix(
+          loss=f"{host['loss']:.3f}",
+          lmda=f"{host.get('lmda', cfg.lmda):.3g}",
+          gap=f"{host.get('rel_gap', float('nan')):.3f}",
+          flips=f"{host.get('mask_flip_fraction', float('nan')):.3f}",
+          z_sparsity=f"{host.get('z_sparsity', float('nan')):.3f}",
+          tok_s=f"{tps:.0f}",
+          refresh=False,
+      )
+
+  try:
+    for step in range(start, end):
+      batch = np.asarray(batches(step), np.int32)  # this process's rows of the global batch
+      batch = batch.reshape(cfg.grad_accum, -1, batch.shape[-1])
+      if jax.process_count() > 1:
+        global_shape = (cfg.grad_accum, cfg.batch_size, batch.shape[-1])
+        batch = jax.make_array_from_process_local_data(data_shard, batch, global_shape)
+      else:
+        batch = jax.device_put(batch, data_shard)
+      due = step % cfg.interval == 0
+      params, opt_state, metrics = step_fns[due and zu_fn is None](params, opt_state, batch)
+      if due and zu_fn is not None:
+        opt_state, zu_metrics = zu_fn(params, opt_state)
+        metrics = {**metrics, **zu_metrics}
+      if step == start:
+        jax.block_until_ready(metrics)
+        t_first = time.perf_counter()
+      else:
+        steps_timed += 1
+      done = step + 1
+      if pending is not None:
+        flush(pending)
+        pending = None
+      saving = checkpointer is not None and (checkpointer.should_save(done, cfg.steps) or done == end)
+      if done % log_every == 0 or done == end or saving:
+        pending = (done, metrics, time.perf_counter())
+      if bar is not None:
+        bar.update(1)
+      if saving:
+        flush(pending)  # never checkpoint a state whose loss is not finite
+        pending = None
+        checkpointer.save(done, params, opt_state)
+    if pending is not None:
+      jax.block_until_ready(pending[1])
+      flush(pending)
+    jax.block_until_ready(params)
+  finally:
+    if bar is not None:
+      bar.close()
+    if metrics_file is not None:
+      metrics_file.close()
+    if checkpointer is not None:
+      checkpointer.wait()
+  if jax.process_count() > 1:  # hand back host copies that every process holds whole
+    from jax.experimental import multihost_utils
+
+    params = multihost_utils.process_allgather(params, tiled=True)
+    opt_state = multihost_utils.process_allgather(opt_state, tiled=True)
+  elapsed = time.perf_counter() - t_first if t_first else 0.0
+  tps = steps_timed * cfg.tokens_per_step / elapsed if elapsed > 0 and steps_timed else 0.0
+  return RunResult(params, opt_state, end, end - start, history, tps)

@@ -1,0 +1,278 @@
+"""End to end: prune a tiny random LLaMA, export, reload with transformers; resume; meshes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import elsa_jax
+from elsa_jax.models import llama
+from elsa_jax.cli import jobs as pipeline
+from elsa_jax.run import sharding as sharding_lib
+from elsa_jax.run import train
+
+def _cfg(**kw):
+  base = dict(sparsity=0.5, steps=6, batch_size=2, seqlen=32, interval=2, lr=1e-3, compute_dtype="float32")
+  base.update(kw)
+  return train.ElsaConfig(**base)
+
+
+def _prunable(name: str) -> bool:
+  return name.startswith("model.layers.") and name.endswith("proj.weight")
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_prune_export_reload_with_transformers(tiny_run, pattern):
+  import torch
+  from transformers import LlamaForCausalLM
+
+  root, model_dir, calib, evalt = tiny_run
+  out = root / f"run-{pattern.replace(':', '')}"
+  summary = pipeline.prune(
+      model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(pattern=pattern),
+      eval_seqlen=32, compare_magnitude=False, progress=False, mesh_shape=(1, 1),
+  )
+  assert np.isfinite(summary["elsa_ppl"]) and np.isfinite(summary["dense_ppl"])
+  hf = LlamaForCausalLM.from_pretrained(out / "model", torch_dtype=torch.float32)
+  n_pruned = 0
+  for name, w in hf.state_dict().items():
+    w = w.numpy()
+    if not _prunable(name):
+      assert np.count_nonzero(w) == w.size, name  # embeddings, norms, lm_head stay dense
+      continue
+    n_pruned += 1
+    if pattern == "unstructured":
+      assert np.count_nonzero(w == 0) == w.size // 2, name
+    else:  # HF weights are [out, in]: groups of 4 consecutive input features
+      groups = (w.reshape(w.shape[0], -1, 4) == 0).sum(-1)
+      np.testing.assert_array_equal(groups, 2, err_msg=name)
+  assert n_pruned == 2 * 7
+  jax_model, _ = llama.from_pretrained(str(out / "model"))
+  ids = np.random.default_rng().integers(0, hf.config.vocab_size, size=(2, 24))
+  with torch.no_grad():
+    ref = hf(torch.from_numpy(ids)).logits.numpy()
+  got = np.asarray(jax_model(jnp.asarray(ids, jnp.int32)))
+  np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_existing_output_is_never_overwritten(tiny_run):
+  root, model_dir, calib, evalt = tiny_run
+  out = root / "taken"
+  (out / "model").mkdir(parents=True)
+  (out / "model" / "keep.txt").write_text("user data")
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(),
+                   eval_seqlen=32, progress=False, mesh_shape=(1, 1))
+  assert (out / "model" / "keep.txt").read_text() == "user data"
+
+
+def test_bad_inputs_fail_before_work(tiny_run, tmp_path):
+  root, model_dir, calib, evalt = tiny_run
+  with pytest.raises(ValueError, match="sparsity"):
+    _cfg(sparsity=1.0)
+  with pytest.raises((FileNotFoundError, OSError), match="no-such"):
+    pipeline.prune(model=str(tmp_path / "no-such-model"), calib=str(calib), eval_text=str(evalt),
+                   output=tmp_path / "o", cfg=_cfg(), progress=False, mesh_shape=(1, 1))
+  with pytest.raises(ValueError, match="devices"):
+    pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=tmp_path / "o",
+                   cfg=_cfg(), mesh_shape=(3, 1), progress=False)
+  with pytest.raises(ValueError, match="--method"):
+    pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=tmp_path / "o",
+                   cfg=_cfg(), method="no-such-method", mesh_shape=(1, 1), progress=False)
+  short = tmp_path / "short.txt"
+  short.write_text("too short")
+  with pytest.raises(ValueError, match="token"):
+    pipeline.prune(model=str(model_dir), calib=str(short), eval_text=str(evalt), output=tmp_path / "o",
+                   cfg=_cfg(), eval_seqlen=32, progress=False, mesh_shape=(1, 1))
+  assert not (tmp_path / "o" / "model").exists()
+
+
+def test_run_that_will_not_fit_is_refused_before_loading(tiny_run, tmp_path, monkeypatch):
+  root, model_dir, calib, evalt = tiny_run
+  mesh = sharding_lib.make_mesh(1, 1)
+  fits = pipeline.check_memory(str(model_dir), _cfg(), mesh, capacity_bytes=1 << 40)
+  need = fits.total_bytes
+  assert need > 24 * fits.n_params  # fp32 w, z, u, score, Adam m, v, and more
+  # A device with half of that: prune stops before reading any weight or writing anything.
+  monkeypatch.setattr(pipeline.memory_lib, "device_memory_bytes", lambda device=None: need // 2)
+  monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+  with pytest.raises(MemoryError, match=r"needs .* GiB.*--remat.*float8"):
+    pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=tmp_path / "o",
+                   cfg=_cfg(), eval_seqlen=32, progress=False, mesh_shape=(1, 1))
+  assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_from_another_config_is_refused(tiny_run):
+  root, model_dir, calib, evalt = tiny_run
+  out = root / "cfg-mismatch"
+  kw = dict(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, eval_seqlen=32,
+            compare_magnitude=False, evaluate_dense=False, progress=False, checkpoint_every=2, mesh_shape=(1, 1))
+  pipeline.prune(cfg=_cfg(), stop_after=2, **kw)
+  with pytest.raises(ValueError, match="another configuration"):
+    pipeline.prune(cfg=_cfg(lmda=0.05), **kw)
+
+
+def _cli(model_dir, calib, evalt, out, extra_env=None):
+  cmd = [sys.executable, "-m", "elsa_jax.cli", "prune", "--model", str(model_dir), "--calib", str(calib),
+         "--eval-text", str(evalt), "--output", str(out), "--steps", "12", "--batch-size", "2", "--seqlen", "32",
+         "--interval", "2", "--compute-dtype", "float32", "--eval-seqlen", "32", "--checkpoint-every", "2",
+         "--no-compare-magnitude", "--no-dense-eval", "--preset", "cpu"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **(extra_env or {}))
+  return cmd, env
+
+
+def test_killed_run_resumes_bit_exact(tiny_run, exported):
+  root, model_dir, calib, evalt = tiny_run
+  ref_out, cut_out = root / "ref", root / "cut"
+  cmd, env = _cli(model_dir, calib, evalt, ref_out)
+  subprocess.run(cmd, env=env, check=True, capture_output=True)
+
+  # 1) killed at an arbitrary moment after a few steps.
+  cmd, env = _cli(model_dir, calib, evalt, cut_out)
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics = cut_out / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (cut_out / "model").exists()
+  # 2) killed in the middle of an asynchronous checkpoint write (see ELSA_JAX_TEST_CRASH_IN_SAVE).
+  cmd, env = _cli(model_dir, calib, evalt, cut_out, {"ELSA_JAX_TEST_CRASH_IN_SAVE": "8"})
+  crashed = subprocess.run(cmd, env=env, capture_output=True)
+  assert crashed.returncode != 0
+  assert not (cut_out / "model").exists()
+  # 3) the same command again finishes the run.
+  cmd, env = _cli(model_dir, calib, evalt, cut_out)
+  subprocess.run(cmd, env=env, check=True, capture_output=True)
+  ref, got = exported(ref_out), exported(cut_out)
+  assert ref.keys() == got.keys()
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_same_trajectory_on_one_and_eight_devices(tiny_run):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  root, model_dir, calib, evalt = tiny_run
+  loaded = pipeline.load_model(str(model_dir))
+  cfg = _cfg(steps=4, batch_size=4)
+  rng = np.random.default_rng()
+  data = rng.integers(0, loaded.config.vocab_size, size=(cfg.steps, cfg.batch_size, cfg.seqlen + 1))
+  axes = llama.logical_axes_of(loaded.graphdef, loaded.params)
+  runs = {}
+  for shape in [(1, 1), (4, 2)]:
+    devices = jax.devices()[: shape[0] * shape[1]]
+    mesh = sharding_lib.make_mesh(*shape, devices=devices)
+    result = train.run(loaded.graphdef, jax.tree.map(np.array, loaded.params), cfg, lambda s: data[s],
+                       mesh=mesh, logical_axes=axes, progress=False)
+    runs[shape] = result
+  one, eight = runs[(1, 1)], runs[(4, 2)]
+  losses = lambda r: np.array([h["loss"] for h in r.history])
+  np.testing.assert_allclose(losses(eight), losses(one), rtol=1e-5)
+  # Adam divides by sqrt(v): a weight whose gradient is ~0 turns float32 reduction-order noise into
+  # updates of up to ~1e-5 per step, so the bound is 1e-4 after 4 steps of lr 1e-3 (a lost or doubled
+  # gradient shard moves weights by ~lr = 1e-3).
+  chex.assert_trees_all_close(jax.device_get(eight.params), jax.device_get(one.params), atol=1e-4)
+
+
+def _hf_kernels(path):
+  from safetensors.numpy import load_file
+
+  tensors = {}
+  for f in sorted(pathlib.Path(path).glob("*.safetensors")):
+    tensors.update(load_file(f))
+  return {k: v for k, v in tensors.items() if _prunable(k)}
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4")])
+def test_oneshot_methods_from_the_cli_entry_point(tiny_run, method, pattern):
+  root, model_dir, calib, evalt = tiny_run
+  out = root / f"oneshot-{method}"
+  summary = pipeline.prune(
+      model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(pattern=pattern),
+      method=method, eval_seqlen=32, oneshot_windows=16, progress=False, mesh_shape=(1, 1),
+  )
+  assert np.isfinite(summary[f"{method}_ppl"]) and summary["oneshot_calibration"]["windows"] == 16
+  assert not (out / "checkpoints").exists()  # nothing to resume in a one-shot run
+  kernels = _hf_kernels(out / "model")
+  assert len(kernels) == 14
+  for name, w in kernels.items():  # HF [out, in]
+    if pattern == "2:4":
+      np.testing.assert_array_equal((w.reshape(w.shape[0], -1, 4) == 0).sum(-1), 2, err_msg=name)
+    else:  # Wanda: half of every output row
+      np.testing.assert_array_equal((w == 0).sum(1), w.shape[1] // 2, err_msg=name)
+
+
+def test_safe_plus_from_wanda_trains_and_export_run_reproduces_it(tiny_run):
+  root, model_dir, calib, evalt = tiny_run
+  out = root / "safe-plus"
+  summary = pipeline.prune(
+      model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(sparsity=0.6),
+      method="safe+", init_method="wanda", eval_seqlen=32, oneshot_windows=8, progress=False,
+      mesh_shape=(1, 1), compare_magnitude=False, evaluate_dense=False,
+  )
+  assert summary["config"]["sam_rho"] == pipeline.SAFE_RHO
+  assert summary["config"]["score_source"] == "activations"
+  assert np.isfinite(summary["wanda_ppl"]) and np.isfinite(summary["safe+_ppl"])
+  first = _hf_kernels(out / "model")
+  for name, w in first.items():
+    assert np.count_nonzero(w == 0) == round(0.6 * w.size), name
+  again = pipeline.export_run(out, root / "safe-plus-again")  # recomputes the activation scores
+  second = _hf_kernels(again)
+  for name in first:
+    np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+def test_sam_changes_the_step():
+  """SAFE's x-update differs from ELSA's: same data, same start, other weights; the loss is f(w)."""
+  config = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4)
+  graphdef, params = llama.split(llama.Llama(config, rngs=nnx.Rngs(int(np.random.default_rng().integers(99)))))
+  batch = jnp.asarray(np.random.default_rng().integers(0, 64, size=(1, 2, 17)), jnp.int32)
+  first_loss, params_after = {}, {}
+  for rho in (0.0, 0.5):
+    tx = train.make_optimizer(_cfg(sam_rho=rho))
+    step = jax.jit(train.make_train_step(graphdef, tx, compute_dtype=jnp.float32, sam_rho=rho))
+    p, s, metrics = step(params, tx.init(params), batch)
+    first_loss[rho] = float(metrics["loss"])
+    params_after[rho] = step(p, s, batch)[0]  # two steps: Adam's first one is sign-like
+  np.testing.assert_allclose(first_loss[0.0], first_loss[0.5], rtol=1e-6)
+  diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params_after[0.0], params_after[0.5])
+  assert max(jax.tree.leaves(diff)) > 1e-5
+
+
+def test_separate_z_update_program_keeps_the_trajectory(tiny_run):
+  """train.run's z/u update as its own program (the default) = fused into the step."""
+  root, model_dir, calib, evalt = tiny_run
+  loaded = pipeline.load_model(str(model_dir))
+  cfg = _cfg(steps=5, batch_size=2, interval=2, state_dtype="float8_e4m3fn", moment_dtype="int8")
+  data = np.random.default_rng().integers(0, loaded.config.vocab_size, size=(cfg.steps, 2, cfg.seqlen + 1))
+  axes = llama.logical_axes_of(loaded.graphdef, loaded.params)
+  runs = {}
+  for separate in (True, False):
+    runs[separate] = train.run(loaded.graphdef, jax.tree.map(np.array, loaded.params), cfg, lambda s: data[s],
+                               mesh=sharding_lib.make_mesh(1, 1), logical_axes=axes, progress=False,
+                               separate_z_update=separate)
+  sep, fused = runs[True], runs[False]
+  for key in ("loss", "rel_gap", "mask_flip_fraction", "z_sparsity"):
+    np.testing.assert_allclose([h[key] for h in sep.history], [h[key] for h in fused.history], rtol=1e-5,
+                               err_msg=key)
+  assert 0.4 < sep.history[-1]["z_sparsity"] < 0.6 and sep.history[-1]["rel_gap"] > 0
+  chex.assert_trees_all_close(jax.device_get(sep.params), jax.device_get(fused.params), atol=1e-6)
+  a, b = (elsa_jax.find_admm_state(r.opt_state) for r in (sep, fused))
+  chex.assert_trees_all_close((a.z, a.u), (b.z, b.u), atol=1e-6)
