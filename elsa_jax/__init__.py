@@ -3,20 +3,25 @@
 __version__ = "0.1.0"
 
 # ELSA optimizer, projections and low-precision state.
+from elsa_jax.optim.config import AdmmConfig
+from elsa_jax.optim.finalize import admm_metrics
+from elsa_jax.optim.finalize import finalize
+from elsa_jax.optim.finalize import optimizer_state_bytes
+from elsa_jax.optim.finalize import sparsity_report
+from elsa_jax.optim.steps import admm_dual
+from elsa_jax.optim.steps import admm_penalty
+from elsa_jax.optim.steps import admm_projection
 from elsa_jax.optim.transform import AdmmMetrics
 from elsa_jax.optim.transform import AdmmState
 from elsa_jax.optim.transform import admm
-from elsa_jax.optim.transform import admm_dual
-from elsa_jax.optim.transform import admm_metrics
-from elsa_jax.optim.transform import admm_penalty
-from elsa_jax.optim.transform import admm_projection
-from elsa_jax.optim.transform import default_prunable
-from elsa_jax.optim.transform import finalize
+from elsa_jax.optim.transform import admm_zu_update
 from elsa_jax.optim.transform import find_admm_state
-from elsa_jax.optim.transform import optimizer_state_bytes
-from elsa_jax.optim.transform import path_str
-from elsa_jax.optim.transform import prunable_mask
-from elsa_jax.optim.transform import sparsity_report
+from elsa_jax.sparsity.patterns import NM
+from elsa_jax.sparsity.patterns import PerRow
+from elsa_jax.sparsity.patterns import Unstructured
+from elsa_jax.sparsity.prunable import default_prunable
+from elsa_jax.sparsity.prunable import path_str
+from elsa_jax.sparsity.prunable import prunable_mask
 from elsa_jax.lowp.adam import ScaleByAdamLowpState
 from elsa_jax.lowp.adam import adam_lowp
 from elsa_jax.lowp.adam import scale_by_adam_lowp

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elsa_jax.optim import transform as _admm
+from elsa_jax.optim import finalize as finalize_lib
 from elsa_jax.files import atomic_directory
 from elsa_jax.data import assets
 from elsa_jax.oneshot import walk as baselines
@@ -31,6 +31,7 @@ from elsa_jax.models import llama
 from elsa_jax.run import memory as memory_lib
 from elsa_jax.run import sharding as sharding_lib
 from elsa_jax.run import train
+from elsa_jax.sparsity import patterns
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def export(model: LoadedModel, params: Any, out: str | pathlib.Path, *, overwrit
   with atomic_directory(out) as tmp:
     llama.save_pretrained((model.graphdef, host_params), model.config, tmp, overwrite=True)
     model.tokenizer.save_pretrained(tmp)
-    report = _admm.sparsity_report(host_params)
+    report = finalize_lib.sparsity_report(host_params)
     info = {"source_model": model.source, "sparsity_report": report}
     info.update(extra or {})
     (tmp / "elsa_jax.json").write_text(json.dumps(info, indent=2, default=float))
@@ -305,10 +306,9 @@ def prune(
     summary["dense_ppl"] = ppl(loaded.params)
     print(f"dense perplexity: {summary['dense_ppl']:.3f}", flush=True)
   sparsity = train.pattern_sparsity(cfg)
-  kind, nm = train.parse_pattern(cfg.pattern)
+  nm = patterns.parse(cfg.pattern).n_m
   if compare_magnitude and method != "magnitude":
-    mag = _admm.finalize(loaded.params, sparsity=sparsity, pattern=kind,
-                         **({"n_m": nm} if nm else {}), projection="magnitude")
+    mag = finalize_lib.finalize(loaded.params, sparsity=sparsity, pattern=cfg.pattern, projection="magnitude")
     summary["magnitude_ppl"] = ppl(mag)
     print(f"magnitude {cfg.pattern} {sparsity:.0%} perplexity: {summary['magnitude_ppl']:.3f}", flush=True)
     del mag
@@ -343,8 +343,7 @@ def prune(
     if result.final_step < cfg.steps:  # interrupted on purpose (stop_after)
       summary["stopped_at"] = result.final_step
       return summary
-    pruned = _admm.finalize(result.params, result.opt_state, sparsity=sparsity, pattern=kind,
-                            **({"n_m": nm} if nm else {}), projection=cfg.projection, score=fixed_score)
+    pruned = finalize_lib.finalize(result.params, result.opt_state)  # the run's target, from its state
     summary["train_tokens_per_second"] = result.tokens_per_second
     if result.history:
       summary["final_metrics"] = result.history[-1]
@@ -352,7 +351,7 @@ def prune(
     pruned = oneshot(method)
   summary[f"{method}_ppl"] = ppl(pruned)
   print(f"{method} {cfg.pattern} {sparsity:.0%} perplexity: {summary[f'{method}_ppl']:.3f}", flush=True)
-  summary["sparsity"] = _admm.sparsity_report(jax.device_get(pruned))["overall"]
+  summary["sparsity"] = finalize_lib.sparsity_report(jax.device_get(pruned))["overall"]
   if jax.process_index() == 0:  # every process holds the whole pruned model; one writes it
     export(loaded, pruned, model_dir, overwrite=overwrite, extra={"summary": summary})
   summary["wall_seconds"] = time.perf_counter() - t0
@@ -374,7 +373,7 @@ def evaluate(model: str = DEFAULT_MODEL, eval_text: str = DEFAULT_TEXT, *, seqle
   n_windows = len(ids) // seqlen if not windows else min(windows, len(ids) // seqlen)
   ppl = perplexity_of(loaded, loaded.params, ids, seqlen=seqlen, max_windows=windows,
                       compute_dtype=compute_dtype)
-  report = _admm.sparsity_report(jax.device_get(loaded.params))
+  report = finalize_lib.sparsity_report(jax.device_get(loaded.params))
   return {"model": model, "perplexity": ppl, "seqlen": seqlen, "windows": n_windows,
           "sparsity": report["overall"]}
 
@@ -406,7 +405,5 @@ def export_run(run_dir: str | pathlib.Path, output: str | pathlib.Path | None = 
   checkpointer.close()
   if step == 0:
     raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no finished checkpoint yet.")
-  kind, nm = train.parse_pattern(cfg.pattern)
-  pruned = _admm.finalize(params, opt_state, sparsity=train.pattern_sparsity(cfg), pattern=kind,
-                          **({"n_m": nm} if nm else {}), projection=cfg.projection, score=fixed_score)
+  pruned = finalize_lib.finalize(params, opt_state)  # the run's target, from its state
   return export(loaded, pruned, out, overwrite=overwrite, extra={"checkpoint_step": step})

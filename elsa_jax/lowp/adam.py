@@ -41,9 +41,6 @@ import optax
 from elsa_jax.lowp import codecs as quant
 from elsa_jax.lowp import ordering as _scheduling
 
-_EMPTY = (0,)
-
-
 class ScaleByAdamLowpState(NamedTuple):
   """State of :func:`scale_by_adam_lowp`.
 
@@ -75,45 +72,12 @@ def _check_moment_dtype(moment_dtype: str) -> str:
   return moment_dtype
 
 
-def _zero_moment(shape, moment_dtype, block_size, signed):
-  """The encoding of a zero moment, without quantising a constant."""
-  if moment_dtype == "int8":
-    return quant.blockwise_zeros(shape, block_size=block_size, signed=signed)
-  return jnp.zeros(shape, moment_dtype), jnp.zeros(_EMPTY, jnp.float32)
-
-
-def _encode_mu(m, moment_dtype, block_size):
-  if moment_dtype == "int8":
-    return quant.quantize_blockwise(m, block_size=block_size, signed=True)
-  return m.astype(moment_dtype), jnp.zeros(_EMPTY, jnp.float32)
-
-
-def _encode_nu(v, moment_dtype, block_size):
-  if moment_dtype == "int8":
-    return quant.quantize_blockwise(
-        jnp.sqrt(v), block_size=block_size, signed=False, keep_nonzero=True
-    )
-  return v.astype(moment_dtype), jnp.zeros(_EMPTY, jnp.float32)
-
-
-def _decode_mu(q, scale, block_size):
-  if q.dtype == jnp.int8:
-    return quant.dequantize_blockwise(q, scale, block_size=block_size)
-  return q.astype(jnp.float32)
-
-
-def _decode_nu(q, scale, block_size):
-  if q.dtype == jnp.uint8:
-    return jnp.square(quant.dequantize_blockwise(q, scale, block_size=block_size))
-  return q.astype(jnp.float32)
-
-
 def second_moment(
     state: ScaleByAdamLowpState, block_size: int = quant.DEFAULT_BLOCK_SIZE
 ) -> optax.Updates:
   """The float32 second moment (raw, not bias-corrected) held in the state."""
   return jax.tree.map(
-      lambda q, s: _decode_nu(q, s, block_size), state.nu, state.nu_scale
+      lambda q, s: quant.decode_moment(q, s, block_size=block_size), state.nu, state.nu_scale
   )
 
 
@@ -156,10 +120,13 @@ def scale_by_adam_lowp(
 
   def init_fn(params):
     mu, mu_scale = unzip(
-        jax.tree.map(lambda p: _zero_moment(p.shape, moment_dtype, block_size, True), params), params, 2
+        jax.tree.map(lambda p: quant.zeros_moment(p.shape, moment_dtype, block_size=block_size), params),
+        params, 2
     )
     nu, nu_scale = unzip(
-        jax.tree.map(lambda p: _zero_moment(p.shape, moment_dtype, block_size, False), params), params, 2
+        jax.tree.map(lambda p: quant.zeros_moment(p.shape, moment_dtype, square=True, block_size=block_size),
+                     params),
+        params, 2
     )
     return ScaleByAdamLowpState(
         count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, mu_scale=mu_scale, nu_scale=nu_scale
@@ -173,10 +140,10 @@ def scale_by_adam_lowp(
 
     def leaf(g, mq, ms, vq, vs, after):
       g32 = g.astype(jnp.float32) + after
-      m = b1 * _decode_mu(mq, ms, block_size) + (1 - b1) * g32
-      v = b2 * _decode_nu(vq, vs, block_size) + (1 - b2) * jnp.square(g32)
-      m_q, m_s = _encode_mu(m, moment_dtype, block_size)
-      v_q, v_s = _encode_nu(v, moment_dtype, block_size)
+      m = b1 * quant.decode_moment(mq, ms, block_size=block_size) + (1 - b1) * g32
+      v = b2 * quant.decode_moment(vq, vs, block_size=block_size) + (1 - b2) * jnp.square(g32)
+      m_q, m_s = quant.encode_moment(m, moment_dtype, block_size=block_size)
+      v_q, v_s = quant.encode_moment(v, moment_dtype, square=True, block_size=block_size)
       if moment_dtype == "int8":
         # The step is taken with the moments as stored (decoded), read from
         # their new int8 buffers. Otherwise XLA recomputes the float32
@@ -187,7 +154,8 @@ def scale_by_adam_lowp(
         # temporaries, live through the backward pass.
         m_q = _scheduling.materialize(m_q, m_s, v_s)
         v_q = _scheduling.materialize(v_q, m_s, v_s)
-        m, v = _decode_mu(m_q, m_s, block_size), _decode_nu(v_q, v_s, block_size)
+        m = quant.decode_moment(m_q, m_s, block_size=block_size)
+        v = quant.decode_moment(v_q, v_s, block_size=block_size)
       step = (m / c1) / (jnp.sqrt(v / c2 + eps_root) + eps)
       return step.astype(g.dtype), m_q, v_q, m_s, v_s
 
@@ -246,11 +214,12 @@ def adam_lowp(
 
 
 def find_second_moment(state: Any) -> tuple[bool, Any]:
-  """Finds the first Adam-family second moment ``nu`` inside an optimizer state.
+  """Finds the Adam-family second moment ``nu`` inside an optimizer state.
 
-  Walks tuples, lists, dicts and NamedTuples (so chained, ``inject_hyperparams``
-  and ``MultiSteps`` states are searched) and returns the first ``nu`` field,
-  dequantised to float32 for :class:`ScaleByAdamLowpState`.
+  Looks up, with :func:`optax.tree_utils.tree_get`, a
+  :class:`ScaleByAdamLowpState` (whose ``nu`` is decoded to float32), else a
+  field named ``nu`` (``optax.scale_by_adam`` and its relatives), through
+  chained, ``inject_hyperparams`` and ``MultiSteps`` states.
 
   Args:
     state: any optax state.
@@ -258,21 +227,8 @@ def find_second_moment(state: Any) -> tuple[bool, Any]:
   Returns:
     ``(found, nu)``; ``nu`` is None when nothing was found.
   """
-  if isinstance(state, ScaleByAdamLowpState):
-    if isinstance(state.nu, optax.MaskedNode):
-      return True, state.nu
-    return True, second_moment(state)
-  fields = getattr(state, "_fields", None)
-  if fields is not None and "nu" in fields:
-    return True, state.nu
-  if isinstance(state, dict):
-    children = list(state.values())
-  elif isinstance(state, (tuple, list)):
-    children = list(state)
-  else:
-    return False, None
-  for child in children:
-    found, nu = find_second_moment(child)
-    if found:
-      return True, nu
-  return False, None
+  lowp = optax.tree_utils.tree_get(state, "ScaleByAdamLowpState")
+  if lowp is not None:
+    return True, lowp.nu if isinstance(lowp.nu, optax.MaskedNode) else second_moment(lowp)
+  nu = optax.tree_utils.tree_get(state, "nu")
+  return nu is not None, nu

@@ -247,3 +247,82 @@ def dequantize_blockwise(
   levels = 127.0 if q.dtype == jnp.int8 else 255.0
   b = _blocks(q.astype(jnp.float32), block_size)
   return _unblocks(b * (absmax[..., None] / levels), q.shape)
+
+
+# ----------------------------------------------------------------------------
+# Storage codecs of optimizer state: ``(stored, scale)`` pairs, float32 in and out.
+# Every low-precision state of the package (ELSA-L's z and u, the grad-EMA
+# score, Adam's moments) is written and read through these functions.
+
+#: The shape of the placeholder that stands for "no state" in a params-shaped tree.
+EMPTY_SHAPE = (0,)
+
+
+def empty(dtype=jnp.float32) -> jax.Array:
+  """The placeholder of a leaf that holds no state (a ``(0,)`` array)."""
+  return jnp.zeros(EMPTY_SHAPE, dtype)
+
+
+def is_empty(x) -> bool:
+  """Whether ``x`` is the :func:`empty` placeholder."""
+  return tuple(x.shape) == EMPTY_SHAPE
+
+
+def encode_scaled(x: jax.Array, dtype, axis=None) -> tuple[jax.Array, jax.Array]:
+  """float32 -> ``(stored, scale)``: float8 with a fresh float32 scale, else a cast (no scale)."""
+  if is_fp8(dtype):
+    return quantize_scaled(x, dtype, axis=axis)
+  return x.astype(dtype), empty()
+
+
+def decode_scaled(q: jax.Array, scale: jax.Array) -> jax.Array:
+  """The float32 value of :func:`encode_scaled`'s ``(stored, scale)``."""
+  if is_fp8(q.dtype):
+    return dequantize_scaled(q, scale)
+  return q.astype(jnp.float32)
+
+
+def rescale_scaled(q: jax.Array, scale: jax.Array, ratio: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """:func:`encode_scaled`'s value times ``ratio``: float8 rescales its float32 scale only."""
+  if is_fp8(q.dtype):
+    return q, scale * ratio
+  return (q.astype(jnp.float32) * ratio).astype(q.dtype), scale
+
+
+def zeros_scaled(shape: tuple[int, ...], dtype, axis=None) -> tuple[jax.Array, jax.Array]:
+  """``encode_scaled(zeros)`` without quantising a constant (slow to compile)."""
+  if is_fp8(dtype):
+    return scaled_zeros(shape, dtype, axis=axis)
+  return jnp.zeros(shape, dtype), empty()
+
+
+def encode_moment(x: jax.Array, dtype, *, square: bool = False,
+                  block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[jax.Array, jax.Array]:
+  """float32 -> ``(stored, block absmax)`` for int8, else a cast (no scale).
+
+  ``square=True`` is for non-negative second moments (Adam's ``nu``, the
+  grad-EMA score): int8 storage keeps ``sqrt(x)`` in uint8, which halves the
+  dynamic range that 8 bits must cover, and never rounds a positive entry to 0.
+  """
+  if canonical_dtype(dtype) == jnp.int8:
+    if square:
+      return quantize_blockwise(jnp.sqrt(x), block_size=block_size, signed=False, keep_nonzero=True)
+    return quantize_blockwise(x, block_size=block_size, signed=True)
+  return x.astype(dtype), empty()
+
+
+def decode_moment(q: jax.Array, scale: jax.Array, *, block_size: int = DEFAULT_BLOCK_SIZE) -> jax.Array:
+  """The float32 value of :func:`encode_moment`'s ``(stored, scale)`` (uint8 means square storage)."""
+  if q.dtype == jnp.uint8:
+    return jnp.square(dequantize_blockwise(q, scale, block_size=block_size))
+  if q.dtype == jnp.int8:
+    return dequantize_blockwise(q, scale, block_size=block_size)
+  return q.astype(jnp.float32)
+
+
+def zeros_moment(shape: tuple[int, ...], dtype, *, square: bool = False,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[jax.Array, jax.Array]:
+  """``encode_moment(zeros)`` without quantising a constant."""
+  if canonical_dtype(dtype) == jnp.int8:
+    return blockwise_zeros(shape, block_size=block_size, signed=not square)
+  return jnp.zeros(shape, dtype), empty()

@@ -116,8 +116,35 @@ def materialize(x: jax.Array, *deps: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(jax.lax.div(packed, one), x.dtype).reshape(x.shape)
 
 
+def in_groups(fn, sizes, *, first_after: jax.Array | None = None) -> list:
+  """``[fn(group, after)[0] for group in leaf_groups(sizes)]``, one group after the other.
+
+  The one group loop of the package. ``fn(group, after)`` returns ``(result,
+  deps)``: ``after`` is a float32 zero computed from the previous group's
+  ``deps`` (small arrays), which ``fn`` adds to its inputs so that XLA
+  finishes a group before it starts the next. ``deps=None`` keeps the previous
+  ``after`` (no new ordering point). The first group gets ``first_after``
+  (default: a constant zero).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from elsa_jax.lowp import ordering
+    >>> out = ordering.in_groups(lambda g, after: ([i + after for i in g], (after,)), [2, 3])
+    >>> [[float(x) for x in group] for group in out]
+    [[0.0, 1.0]]
+  """
+  after = jnp.zeros([], jnp.float32) if first_after is None else first_after
+  results = []
+  for group in leaf_groups(sizes):
+    result, deps = fn(group, after)
+    results.append(result)
+    if deps is not None:
+      after = zero_after(*deps)
+  return results
+
+
 def map_in_groups(fn, rows, sizes, deps=None) -> list:
-  """``[fn(*row, after) for row in rows]``, group after group (:func:`leaf_groups` of ``sizes``).
+  """``[fn(*row, after) for row in rows]``, group after group (:func:`in_groups` of ``sizes``).
 
   ``after`` is a float32 zero computed from ``deps(i, out)`` (small arrays)
   of every output of the previous group, so XLA finishes a group before it
@@ -131,13 +158,14 @@ def map_in_groups(fn, rows, sizes, deps=None) -> list:
     >>> [o.tolist() for o in out]
     [[1.0, 1.0], [1.0, 1.0, 1.0]]
   """
-  after = jnp.zeros([], jnp.float32)
   out = [None] * len(rows)
-  for group in leaf_groups(sizes):
+
+  def group_fn(group, after):
     for i in group:
       out[i] = fn(*rows[i], after)
-    if deps is not None:
-      after = zero_after(*(d for i in group for d in deps(i, out[i])))
+    return None, None if deps is None else tuple(d for i in group for d in deps(i, out[i]))
+
+  in_groups(group_fn, sizes)
   return out
 
 

@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elsa_jax.optim import transform as _admm
+from elsa_jax.optim import finalize as finalize_lib
+from elsa_jax.sparsity import patterns
+from elsa_jax.sparsity import prunable as prunable_lib
 from elsa_jax.oneshot import matrix as _oneshot
 from elsa_jax.sparsity import topk as _projection
 from elsa_jax.models import llama
@@ -178,11 +180,10 @@ def prune_oneshot(
   """
   _check_method(method)
   if n_m is None:
-    _admm._check_sparsity(sparsity)
+    prunable_lib.check_sparsity(sparsity)
   if method == "magnitude":
-    pattern = "nm" if n_m else "unstructured"
-    return _admm.finalize(params, sparsity=sparsity, pattern=pattern, projection="magnitude",
-                          **({"n_m": n_m} if n_m else {}))
+    pattern = patterns.NM(*n_m) if n_m else patterns.Unstructured()
+    return finalize_lib.finalize(params, sparsity=sparsity, pattern=pattern, projection="magnitude")
   if windows is None or len(windows) == 0:
     raise ValueError(f"{method} needs calibration windows (token ids [n, seqlen]); none were given.")
   n_layers = len(_layer_list(params))

@@ -29,11 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from elsa_jax.optim import finalize as finalize_lib
 from elsa_jax.optim import transform as _admm
 from elsa_jax.lowp import adam as _low_precision
 from elsa_jax.optim import sam as _sam
 from elsa_jax.run import checkpoint as checkpoint_lib
 from elsa_jax.run import sharding as sharding_lib
+from elsa_jax.sparsity import patterns
 from elsa_jax.models import llama
 
 logger = logging.getLogger(__name__)
@@ -79,35 +81,17 @@ class ElsaConfig:
     if self.score_source not in ("grad_ema", "base_second_moment", "activations"):
       raise ValueError(f"unknown score source {self.score_source!r}; use grad_ema, base_second_moment "
                        f"or activations.")
-    parse_pattern(self.pattern)
+    patterns.parse(self.pattern)
 
   @property
   def tokens_per_step(self) -> int:
     return self.batch_size * self.grad_accum * self.seqlen
 
 
-def parse_pattern(pattern: str) -> tuple[str, tuple[int, int] | None]:
-  """'unstructured' | 'row' | 'N:M' -> (pattern, (n, m) or None)."""
-  if pattern in ("unstructured", "row"):
-    return pattern, None
-  try:
-    n, m = (int(x) for x in pattern.split(":"))
-  except ValueError:
-    raise ValueError(
-        f"unknown sparsity pattern {pattern!r}; use 'unstructured', 'row' or N:M such as '2:4'."
-    ) from None
-  if not 0 < n < m:
-    raise ValueError(f"N:M pattern {pattern!r} needs 0 < N < M, e.g. '2:4'.")
-  return "nm", (n, m)
-
-
 def pattern_sparsity(cfg: ElsaConfig) -> float:
-  """The sparsity a pattern implies: N:M keeps N of every M, i.e. 1 - N/M pruned."""
-  kind, nm = parse_pattern(cfg.pattern)
-  if kind == "nm":
-    n, m = nm
-    return 1.0 - n / m
-  return cfg.sparsity
+  """The sparsity a run prunes: N:M keeps N of every M, i.e. ``1 - N/M`` pruned; else ``cfg.sparsity``."""
+  pattern = patterns.parse(cfg.pattern)
+  return pattern.sparsity if isinstance(pattern, patterns.NM) else cfg.sparsity
 
 
 def make_optimizer(cfg: ElsaConfig, fixed_score: Any = None) -> optax.GradientTransformationExtraArgs:
@@ -123,19 +107,16 @@ def make_optimizer(cfg: ElsaConfig, fixed_score: Any = None) -> optax.GradientTr
     base = _low_precision.adam_lowp(
         schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, moment_dtype=cfg.moment_dtype
     )
-  kind, nm = parse_pattern(cfg.pattern)
   kwargs = dict(
       sparsity=pattern_sparsity(cfg),
       lmda=cfg.lmda,
       interval=cfg.interval,
       projection=cfg.projection,
       score_source="fixed" if cfg.score_source == "activations" else cfg.score_source,
-      pattern=kind,
+      pattern=patterns.parse(cfg.pattern),
       state_dtype=cfg.state_dtype,
       score_dtype=cfg.score_dtype,
   )
-  if nm is not None:
-    kwargs["n_m"] = nm
   if cfg.score_source == "activations":
     if fixed_score is None and cfg.projection == "objective_aware":
       raise ValueError("score_source='activations' needs the activation scores of the calibration data "
@@ -206,7 +187,7 @@ def make_train_step(
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads)}
-    metrics.update(_admm.admm_metrics(opt_state)._asdict())
+    metrics.update(finalize_lib.admm_metrics(opt_state)._asdict())
     return params, opt_state, metrics
 
   return step
@@ -219,14 +200,15 @@ def make_zu_step(tx: optax.GradientTransformation) -> Callable[[Any, Any], tuple
   z/u update is due (``step % interval == 0``), on that step's outputs: the
   pair equals one step built with ``z_update=True``, but as two programs, so
   the z/u update's temporaries never coexist with the gradients, activations
-  and base optimizer's temporaries (:func:`elsa_jax.admm`'s
-  ``z_update="deferred"``). ``metrics`` are the z/u update's
+  and base optimizer's temporaries (:func:`elsa_jax.admm_zu_update`). ``metrics`` are the z/u update's
   :class:`elsa_jax.AdmmMetrics`.
   """
 
+  del tx  # the state carries what the z/u update needs
+
   def zu_step(params, opt_state):
-    _, opt_state = tx.update(params, opt_state, params, z_update="deferred")
-    return opt_state, _admm.admm_metrics(opt_state)._asdict()
+    opt_state = _admm.admm_zu_update(opt_state, params)
+    return opt_state, finalize_lib.admm_metrics(opt_state)._asdict()
 
   return zu_step
 

@@ -354,7 +354,6 @@ def check_nm(shape: tuple[int, ...], n: int, m: int, axis: int = 0) -> None:
 # and run); groups are capped so that their transients (the scores, stacked,
 # and the integer keys XLA hoists out of the loop) stay a small, bounded share
 # of device memory: 2**22 entries are ~16 MiB per float32 copy.
-MAX_JOINT_ENTRIES = 2**22  # see also _scheduling.GROUP_ENTRIES
 
 
 def sparsity_masks(
@@ -364,7 +363,7 @@ def sparsity_masks(
     pattern: Pattern = "unstructured",
     n_m: tuple[int, int] = (2, 4),
     axis: int = 0,
-    max_joint_entries: int = MAX_JOINT_ENTRIES,
+    max_joint_entries: int | None = None,
 ) -> list[jax.Array]:
   """The masks of a sparsity pattern for several arrays (see :func:`sparsity_mask`).
 
@@ -384,7 +383,8 @@ def sparsity_masks(
     pattern: ``"unstructured"``, ``"row"`` or ``"nm"``.
     n_m: ``(n, m)`` for the N:M pattern.
     axis: the axis along which entries compete (``"row"`` and ``"nm"``).
-    max_joint_entries: the largest number of entries bisected together.
+    max_joint_entries: the largest number of entries bisected together
+      (None: :data:`elsa_jax.lowp.ordering.GROUP_ENTRIES`, the package's one group size).
 
   Returns:
     A list of boolean masks (True = kept).

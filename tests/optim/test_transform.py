@@ -200,7 +200,7 @@ def kernel_paths(params):
 
 def kernel_paths_with(params, prunable):
   mask = jax.tree_util.tree_map_with_path(
-      lambda p, x: bool(elsa_jax.optim.transform._as_predicate(prunable)(p, x)), params
+      lambda p, x: bool(elsa_jax.sparsity.prunable.as_predicate(prunable)(p, x)), params
   )
   return [elsa_jax.path_str(p) for p, k in jax.tree_util.tree_flatten_with_path(mask)[0] if k]
 
@@ -214,7 +214,7 @@ def test_default_prunable_selects_block_linears_only():
   paths = kernel_paths(params)
   assert len(paths) == 4 and all(p.startswith("layers/") and p.endswith("/kernel") for p in paths)
   # A user predicate and a bool prefix tree.
-  only_up = lambda path, leaf: "up_proj" in elsa_jax.optim.transform.path_names(path) and leaf.ndim == 2
+  only_up = lambda path, leaf: "up_proj" in elsa_jax.sparsity.prunable.path_names(path) and leaf.ndim == 2
   assert len(kernel_paths_with(params, only_up)) == 2
   tree = {"layers": {0: True, 1: False}}
   assert len(kernel_paths_with(params, tree)) == 3  # layer 0: 2 kernels + its norm...
@@ -234,8 +234,12 @@ def test_default_prunable_selects_block_linears_only():
     ],
 )
 def test_finalize_gives_exact_sparsity(pattern, kwargs):
-  params, state = trained_llama()
-  final = elsa_jax.finalize(params, state, pattern=pattern, **kwargs)
+  """finalize reads the run's target from its state; the same target given again changes nothing."""
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   elsa_jax.admm(optax.adam(1e-2, b2=0.95), pattern=pattern, interval=2, lmda=0.05, **kwargs))
+  params, state = run_steps(tx, llama_params(), 3)
+  final = elsa_jax.finalize(params, state)
+  chex.assert_trees_all_equal(final, elsa_jax.finalize(params, state, pattern=pattern, **kwargs))
   report = elsa_jax.sparsity_report(final)
   mask = elsa_jax.prunable_mask(params)
   for (path, w), k in zip(jax.tree_util.tree_flatten_with_path(final)[0], jax.tree.leaves(mask)):
@@ -259,6 +263,22 @@ def test_finalize_gives_exact_sparsity(pattern, kwargs):
     assert report["per_matrix"][name] == zero.mean()
   sizes = [w.size for w, k in zip(jax.tree.leaves(final), jax.tree.leaves(mask)) if k]
   assert report["total"] == sum(sizes) and len(report["per_matrix"]) == 2
+
+
+def test_finalize_refuses_arguments_that_differ_from_the_run():
+  """A target, pattern, prunable set or projection other than the run's is an error, never silence."""
+  params, state = trained_llama()  # sparsity 0.6, unstructured, default prunable, objective-aware
+  with pytest.raises(ValueError, match="sparsity=.*the run's target is 0.6"):
+    elsa_jax.finalize(params, state, sparsity=0.7)
+  with pytest.raises(ValueError, match="pattern"):
+    elsa_jax.finalize(params, state, pattern="2:4")
+  with pytest.raises(ValueError, match="prunable"):
+    elsa_jax.finalize(params, state, prunable=lambda path, leaf: "up_proj" in elsa_jax.path_str(path))
+  with pytest.raises(ValueError, match="projection"):
+    elsa_jax.finalize(params, state, projection="magnitude")
+  final = elsa_jax.finalize(params, state, sparsity=0.6, pattern=elsa_jax.Unstructured(),
+                            prunable=elsa_jax.default_prunable)
+  assert elsa_jax.sparsity_report(final)["overall"] == pytest.approx(0.6, abs=1e-3)
 
 
 def test_per_leaf_sparsity_in_the_state():
@@ -492,7 +512,7 @@ def test_static_z_update_matches_the_on_device_schedule():
   moved = elsa_jax.find_admm_state(update(grads, state, params, z_update=True)[1])
   chex.assert_trees_all_equal((held.z, held.u), (a.z, a.u))
   assert not np.array_equal(moved.u["layers"]["0"]["kernel"], a.u["layers"]["0"]["kernel"])
-  with pytest.raises(TypeError, match="z_update must be None, a Python bool"):
+  with pytest.raises(TypeError, match="z_update must be None or a Python bool"):
     jax.jit(EAGER_TX.update)(grads, state, params, z_update=jnp.array(True))
 
 
@@ -541,7 +561,7 @@ def test_clear_errors():
     elsa_jax.admm(optax.sgd(0.1), sparsity=0.5, score_source="base_second_moment").init(params)
   with pytest.raises(ValueError, match="needs the run's optimizer state"):
     elsa_jax.finalize(params, sparsity=0.5)
-  with pytest.raises(ValueError, match="unknown pattern 'blocks'"):
+  with pytest.raises(ValueError, match="unknown sparsity pattern 'blocks'"):
     elsa_jax.admm(optax.sgd(0.1), sparsity=0.5, pattern="blocks")
   with pytest.raises(ValueError, match="no sparsity given for the prunable leaf 'layers/0/mlp/up"):
     elsa_jax.admm(optax.sgd(0.1), sparsity={"layers": {0: {"mlp": {"down_proj": 0.5}}}}).init(params)
@@ -569,8 +589,10 @@ def test_group_by_group_z_update_equals_the_joint_one(monkeypatch):
     return state
 
   joint = one_step()
-  monkeypatch.setattr(_projection, "MAX_JOINT_ENTRIES", 16 * 8)
-  assert len(_projection.leaf_groups([p.size for p in jax.tree.leaves(params)], 16 * 8)) == 3
+  from elsa_jax.lowp import ordering as _scheduling
+
+  monkeypatch.setattr(_scheduling, "GROUP_ENTRIES", 16 * 8)
+  assert len(_scheduling.leaf_groups([p.size for p in jax.tree.leaves(params)], 16 * 8)) == 3
   grouped = one_step()
   chex.assert_trees_all_equal((grouped.z, grouped.u), (joint.z, joint.u))
   chex.assert_trees_all_close(grouped.metrics, joint.metrics, rtol=1e-6)
@@ -579,7 +601,7 @@ def test_group_by_group_z_update_equals_the_joint_one(monkeypatch):
 
 @pytest.mark.parametrize("lowp", [False, True])
 def test_deferred_z_update_equals_the_fused_one(lowp):
-  """A step with z_update=False then the deferred z/u program = one step with z_update=True."""
+  """A step with z_update=False then admm_zu_update as its own program = one step with z_update=True."""
   base = elsa_jax.adam_lowp(1e-2, b2=0.95, moment_dtype="int8") if lowp else optax.adam(1e-2, b2=0.95)
   tx = optax.chain(
       optax.clip_by_global_norm(1.0),
@@ -601,9 +623,9 @@ def test_deferred_z_update_equals_the_fused_one(lowp):
   fused_updates, fused = update(grads, state, params, z_update=True)
   plain_updates, plain = update(grads, state, params, z_update=False)
   new_params = optax.apply_updates(params, plain_updates)
-  returned, deferred = update(jax.tree.map(jnp.zeros_like, params), plain, new_params, z_update="deferred")
+  deferred = jax.jit(elsa_jax.admm_zu_update)(plain, new_params)
   chex.assert_trees_all_equal(fused_updates, plain_updates)
-  chex.assert_trees_all_equal(returned, jax.tree.map(jnp.zeros_like, params))
+  assert jax.tree.structure(deferred) == jax.tree.structure(fused)
   a, b = elsa_jax.find_admm_state(fused), elsa_jax.find_admm_state(deferred)
   chex.assert_trees_all_equal((a.count, a.lmda, a.score, a.base_state), (b.count, b.lmda, b.score, b.base_state))
   chex.assert_trees_all_equal(jax.tree.map(lambda z: z != 0, a.z), jax.tree.map(lambda z: z != 0, b.z))

@@ -68,11 +68,11 @@ def test_z_update_temporaries_stay_one_group(monkeypatch):
   """
   import jax.numpy as jnp
 
-  from elsa_jax.sparsity import topk as _projection
+  from elsa_jax.lowp import ordering as _scheduling
 
   config = llama.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=2)
-  monkeypatch.setattr(_projection, "MAX_JOINT_ENTRIES", 256 * 512)  # ~one MLP matrix per group
+  monkeypatch.setattr(_scheduling, "GROUP_ENTRIES", 256 * 512)  # ~one MLP matrix per group
   graphdef, params = memory.abstract_model(config)
   tx = train.make_optimizer(train.ElsaConfig(sparsity=0.7))
   state = jax.eval_shape(tx.init, params)
@@ -106,8 +106,7 @@ def test_elsa_l_step_peaks_below_fp32(monkeypatch, ordered):
     monkeypatch.setattr(_scheduling, "zero_after", lambda *xs: jnp.zeros([], jnp.float32))
   config = llama.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=2)
-  monkeypatch.setattr(_projection, "MAX_JOINT_ENTRIES", 256 * 512)  # ~one MLP matrix per group
-  monkeypatch.setattr(_scheduling, "GROUP_ENTRIES", 256 * 512)
+  monkeypatch.setattr(_scheduling, "GROUP_ENTRIES", 256 * 512)  # ~one MLP matrix per group
   mesh = sharding.make_mesh(1, 1)
   peaks = {}
   for name, dtypes in (("fp32", {}), ("elsa-l", dict(state_dtype="float8_e4m3fn", moment_dtype="int8"))):
