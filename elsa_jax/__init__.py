@@ -40,11 +40,11 @@ from elsa_jax.lowp.codecs import dequantize_blockwise
 from elsa_jax.lowp.codecs import dequantize_scaled
 from elsa_jax.lowp.codecs import quantize_blockwise
 from elsa_jax.lowp.codecs import quantize_scaled
-from elsa_jax.oneshot.matrix import activation_norms
-from elsa_jax.oneshot.matrix import reconstruction_error
-from elsa_jax.oneshot.matrix import sparsegpt_prune
-from elsa_jax.oneshot.matrix import wanda_prune
-from elsa_jax.oneshot.matrix import wanda_score
+from elsa_jax.oneshot.sparsegpt import reconstruction_error
+from elsa_jax.oneshot.sparsegpt import sparsegpt_prune
+from elsa_jax.oneshot.wanda import activation_norms
+from elsa_jax.oneshot.wanda import wanda_prune
+from elsa_jax.oneshot.wanda import wanda_score
 from elsa_jax.optim.sam import sam_gradient
 
 # Public subpackages, reachable as attributes (``elsa_jax.models.llama.from_pretrained``),

@@ -20,14 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elsa_jax import models
 from elsa_jax.optim import finalize as finalize_lib
 from elsa_jax.files import atomic_directory
 from elsa_jax.data import assets
+from elsa_jax.oneshot import registry as oneshot_registry
 from elsa_jax.oneshot import walk as baselines
 from elsa_jax.run import checkpoint as checkpoint_lib
 from elsa_jax.data import documents as data_lib
 from elsa_jax.data import evaluation as evaluate_lib
-from elsa_jax.models import llama
 from elsa_jax.run import memory as memory_lib
 from elsa_jax.run import sharding as sharding_lib
 from elsa_jax.run import train
@@ -37,11 +38,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
 #: Pruning methods of :func:`prune`: the ADMM family (trained on the model's
-#: loss) and the one-shot baselines (:mod:`elsa_jax.oneshot.walk`).
+#: loss) and the one-shot baselines (:data:`elsa_jax.oneshot.registry.METHODS`).
 ADMM_METHODS = ("elsa", "safe", "safe+")
-METHODS = ADMM_METHODS + baselines.ONESHOT_METHODS
+METHODS = ADMM_METHODS + oneshot_registry.ONESHOT_METHODS
 #: Starting points of an ADMM method: the dense model or a one-shot baseline.
-INIT_METHODS = ("dense",) + baselines.ONESHOT_METHODS
+INIT_METHODS = ("dense",) + oneshot_registry.ONESHOT_METHODS
 #: SAFE's SAM radius when ``--sam-rho`` is not given.
 SAFE_RHO = 0.05
 DEFAULT_TEXT = "default"
@@ -88,22 +89,29 @@ def resolve_preset(name: str) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class LoadedModel:
+  """A model as the jobs use it: split, with its config (of its architecture) and tokenizer."""
+
   graphdef: Any
   params: Any
-  config: llama.LlamaConfig
+  config: Any
   tokenizer: Any
   source: str
 
+  @property
+  def architecture(self) -> models.Architecture:
+    """The model's registered architecture (:func:`elsa_jax.models.architecture_of`)."""
+    return models.architecture_of(self.graphdef)
 
-def model_config(spec: str) -> llama.LlamaConfig:
+
+def model_config(spec: str) -> Any:
   """The shape of the model ``spec`` names (see :func:`load_model`), without loading its weights."""
   if spec == DEFAULT_MODEL:
-    return llama.config_from_gguf_file(assets.default_model_path())
+    return models.config_from_gguf_file(assets.default_model_path())
   if spec.endswith(".gguf"):
     if not os.path.exists(spec):
       raise FileNotFoundError(f"no GGUF file at {spec}; check the --model path.")
-    return llama.config_from_gguf_file(spec)
-  return llama.config_from_pretrained(spec)
+    return models.config_from_gguf_file(spec)
+  return models.config_from_pretrained(spec)
 
 
 def check_memory(
@@ -136,7 +144,8 @@ def load_model(spec: str, *, param_dtype=jnp.float32, remat: bool | str = False,
   """Loads 'default', a ``.gguf`` file, an HF directory or a hub id, with its tokenizer.
 
   ``remat`` rematerialises each decoder layer in the backward pass;
-  ``scan_layers`` runs the layers as one ``lax.scan`` (see :class:`elsa_jax.models.llama.Llama`). With a
+  ``scan_layers`` runs the layers as one ``lax.scan`` (both options of every architecture, see
+  :mod:`elsa_jax.models.base`). The architecture is the file's (:mod:`elsa_jax.models.registry`). With a
   ``mesh``, safetensors weights are read shard by shard straight into their
   training shardings (each process reads only its devices' slices); GGUF
   files (block-quantised) are read whole and placed later.
@@ -145,22 +154,22 @@ def load_model(spec: str, *, param_dtype=jnp.float32, remat: bool | str = False,
 
   if spec == DEFAULT_MODEL:
     path = assets.default_model_path()
-    model, config = llama.from_gguf(path, param_dtype=param_dtype)
+    model, config = models.from_gguf(path, param_dtype=param_dtype)
     tokenizer = assets.default_tokenizer()
   elif spec.endswith(".gguf"):
     if not os.path.exists(spec):
       raise FileNotFoundError(f"no GGUF file at {spec}; check the --model path.")
-    model, config = llama.from_gguf(spec, param_dtype=param_dtype)
-    tokenizer = llama.tokenizer_from_gguf(spec)
+    model, config = models.from_gguf(spec, param_dtype=param_dtype)
+    tokenizer = models.tokenizer_from_gguf(spec)
   else:
     shardings = None
     if mesh is not None:
       shardings = lambda p, axes: sharding_lib.param_shardings(axes, p, mesh, sharding_lib.DEFAULT_RULES)
-    model, config = llama.from_pretrained(spec, param_dtype=param_dtype, shardings=shardings)
+    model, config = models.from_pretrained(spec, param_dtype=param_dtype, shardings=shardings)
     tokenizer = AutoTokenizer.from_pretrained(spec)
   model.remat = remat
   model.scan_layers = scan_layers
-  graphdef, params = llama.split(model)
+  graphdef, params = models.split(model)
   return LoadedModel(graphdef, params, config, tokenizer, spec)
 
 
@@ -169,11 +178,12 @@ def _logits_fn(graphdef, compute_dtype, params=None):
   first = jax.tree.leaves(params)[0] if params is not None else None
   sharding = getattr(first, "sharding", None)
   out = sharding_lib.replicated(sharding.mesh) if isinstance(sharding, jax.sharding.NamedSharding) else None
+  apply = models.architecture_of(graphdef).apply
 
   @functools.partial(jax.jit, out_shardings=out)
   def logits_fn(params, ids):
     cparams = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-    return llama.apply(graphdef, cparams, ids)
+    return apply(graphdef, cparams, ids)
 
   return logits_fn
 
@@ -202,9 +212,9 @@ def export(model: LoadedModel, params: Any, out: str | pathlib.Path, *, overwrit
   check_output_dir(out, overwrite)
   host_params = jax.device_get(params)
   with atomic_directory(out) as tmp:
-    llama.save_pretrained((model.graphdef, host_params), model.config, tmp, overwrite=True)
+    models.save_pretrained((model.graphdef, host_params), model.config, tmp, overwrite=True)
     model.tokenizer.save_pretrained(tmp)
-    report = finalize_lib.sparsity_report(host_params)
+    report = finalize_lib.sparsity_report(host_params, model.architecture.prunable)
     info = {"source_model": model.source, "sparsity_report": report}
     info.update(extra or {})
     (tmp / "elsa_jax.json").write_text(json.dumps(info, indent=2, default=float))
@@ -263,7 +273,7 @@ def prune(
   cfg = method_config(cfg, method) if method in ADMM_METHODS else cfg
   oneshot_seqlen = oneshot_seqlen or cfg.seqlen
 
-  llama.remat_policy(remat)  # an unknown policy fails before any work
+  models.remat_policy(remat)  # an unknown policy fails before any work
   if method in ADMM_METHODS:
     check_memory(model, cfg, mesh, remat=remat, scan_layers=scan_layers)
   loaded = load_model(model, remat=remat, scan_layers=scan_layers, mesh=mesh)
@@ -282,7 +292,7 @@ def prune(
     )
 
   oneshot_ids = None
-  if (method in ("wanda", "sparsegpt") or init_method in ("wanda", "sparsegpt")
+  if (oneshot_registry.needs_calibration(method) or oneshot_registry.needs_calibration(init_method)
       or cfg.score_source == "activations"):
     oneshot_ids = calibration_ids(calib_tokens, windows=oneshot_windows, seqlen=oneshot_seqlen, seed=cfg.seed)
 
@@ -324,7 +334,7 @@ def prune(
     fixed_score = None
     if cfg.score_source == "activations":
       fixed_score = train.activation_scores(
-          baselines.calibration_statistics(loaded.graphdef, loaded.params, oneshot_ids))
+          baselines.calibration_statistics(loaded.graphdef, loaded.params, oneshot_ids), loaded.graphdef)
     start_params = loaded.params
     if init_method != "dense":
       start_params = oneshot(init_method)
@@ -334,7 +344,7 @@ def prune(
               f"{summary[f'{init_method}_ppl']:.3f}", flush=True)
     result = train.run(
         loaded.graphdef, start_params, cfg, windows.batch, mesh=mesh,
-        logical_axes=llama.logical_axes_of(loaded.graphdef, loaded.params),
+        logical_axes=models.logical_axes_of(loaded.graphdef, loaded.params),
         checkpointer=checkpointer, metrics_path=out / "metrics.jsonl", progress=progress,
         stop_after=stop_after, fixed_score=fixed_score,
     )
@@ -399,7 +409,8 @@ def export_run(run_dir: str | pathlib.Path, output: str | pathlib.Path | None = 
     ids = calibration_ids(data_lib.tokenize_documents(loaded.tokenizer, docs),
                           windows=run_config["oneshot_windows"], seqlen=run_config["oneshot_seqlen"],
                           seed=cfg.seed)
-    fixed_score = train.activation_scores(baselines.calibration_statistics(loaded.graphdef, loaded.params, ids))
+    fixed_score = train.activation_scores(baselines.calibration_statistics(loaded.graphdef, loaded.params, ids),
+                                          loaded.graphdef)
   tx = train.make_optimizer(cfg, fixed_score)
   step, params, opt_state = checkpointer.restore_or(loaded.params, jax.eval_shape(tx.init, loaded.params))
   checkpointer.close()

@@ -1,4 +1,27 @@
-"""Model architectures (Flax NNX) and their conversion from/to Hugging Face and GGUF files."""
+"""Model architectures (Flax NNX), their registry, and their conversion from/to Hugging Face and GGUF files.
 
+An architecture is a subpackage (``llama/``) exposing an
+:class:`~elsa_jax.models.base.Architecture`, registered by ``model_type`` in
+:data:`~elsa_jax.models.registry.ARCHITECTURES`. The functions below pick it
+from the file or the object they are given.
+"""
+
+from elsa_jax.models import base
 from elsa_jax.models import gguf_tokenizer
+from elsa_jax.models import hf
 from elsa_jax.models import llama
+from elsa_jax.models import registry
+from elsa_jax.models.base import REMAT_POLICIES, Architecture, merge, remat_policy, split
+from elsa_jax.models.registry import (
+    ARCHITECTURES,
+    abstract_model,
+    architecture,
+    architecture_of,
+    config_from_gguf_file,
+    config_from_pretrained,
+    from_gguf,
+    from_pretrained,
+    logical_axes_of,
+    save_pretrained,
+    tokenizer_from_gguf,
+)

@@ -1,19 +1,22 @@
-"""The field's one-shot baselines on a LLaMA: magnitude, Wanda and SparseGPT.
+"""One-shot pruning of a whole model, layer by layer, by any method of :mod:`elsa_jax.oneshot.registry`.
 
-Wanda and SparseGPT run layer by layer, as published: calibration windows are
-embedded once; each decoder layer then (1) runs on the current hidden states
-and accumulates ``X^T X`` of the input of each of its linear maps, (2) has
-its seven matrices pruned from those statistics, and (3) runs again, pruned,
-to produce the hidden states the next layer sees. So every layer is fed the
-outputs of the already-pruned layers before it. Every step is jitted; one
-compilation serves all layers (they share shapes).
+Methods with calibration (Wanda, SparseGPT) run layer by layer, as
+published: calibration windows are embedded once; each decoder layer then
+(1) runs on the current hidden states and accumulates ``X^T X`` of the input
+of each of its linear maps, (2) has its matrices pruned from those
+statistics, and (3) runs again, pruned, to produce the hidden states the next
+layer sees. So every layer is fed the outputs of the already-pruned layers
+before it. Every step is jitted; one compilation serves all layers (they
+share shapes). What a layer is, and which input each of its linear maps
+reads, is the model's architecture's (:class:`elsa_jax.models.base.Architecture`).
 
-The maths of a single matrix lives in :mod:`elsa_jax.oneshot.matrix`.
+The maths of a single matrix lives in the method modules
+(:mod:`elsa_jax.oneshot.magnitude`, :mod:`~elsa_jax.oneshot.wanda`,
+:mod:`~elsa_jax.oneshot.sparsegpt`).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 import jax
@@ -21,50 +24,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elsa_jax.optim import finalize as finalize_lib
-from elsa_jax.sparsity import patterns
+from elsa_jax import models
+from elsa_jax.oneshot import registry
+from elsa_jax.oneshot.registry import ONESHOT_METHODS  # noqa: F401  (the names, for callers)
 from elsa_jax.sparsity import prunable as prunable_lib
-from elsa_jax.oneshot import matrix as _oneshot
-from elsa_jax.sparsity import topk as _projection
-from elsa_jax.models import llama
-
-logger = logging.getLogger(__name__)
-
-#: One-shot methods of :func:`prune_oneshot`.
-ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt")
-
-#: Which captured input each linear map of a decoder layer reads.
-LINEAR_INPUTS = {
-    ("self_attn", "q_proj"): "attn_in",
-    ("self_attn", "k_proj"): "attn_in",
-    ("self_attn", "v_proj"): "attn_in",
-    ("self_attn", "o_proj"): "attn_out",
-    ("mlp", "gate_proj"): "mlp_in",
-    ("mlp", "up_proj"): "mlp_in",
-    ("mlp", "down_proj"): "mlp_hidden",
-}
 
 
-def _layer_graphdef(graphdef: Any, params: dict) -> Any:
-  model = llama.merge(graphdef, params)
-  return nnx.split(model.layers[0])[0]
-
-
-def _check_method(method: str) -> None:
-  if method not in ONESHOT_METHODS:
-    raise ValueError(f"unknown one-shot method {method!r}; choose one of {', '.join(ONESHOT_METHODS)}.")
+def _options(spec: registry.Method, damp: float, blocksize: int) -> dict[str, Any]:
+  return {k: v for k, v in dict(damp=damp, blocksize=blocksize).items() if k in spec.options}
 
 
 def prune_matrix(method: str, kernel: jax.Array, gram: jax.Array | None, *, sparsity=None,
                  n_m: tuple[int, int] | None = None, damp: float = 0.01, blocksize: int = 128) -> jax.Array:
-  """Prunes one ``[in, out]`` kernel by ``method`` (``gram`` = ``X^T X``, unused by magnitude)."""
-  _check_method(method)
-  if method == "magnitude":
-    pattern = "nm" if n_m else "unstructured"
-    return _projection.project(kernel, 0.0 if n_m else sparsity, pattern=pattern, **({"n_m": n_m} if n_m else {}))
-  if method == "wanda":
-    return _oneshot.wanda_prune(kernel, gram, sparsity, n_m=n_m)
-  return _oneshot.sparsegpt_prune(kernel, gram, sparsity, n_m=n_m, damp=damp, blocksize=blocksize)
+  """Prunes one ``[in, out]`` kernel by ``method`` (``gram`` = ``X^T X``, unused by magnitude).
+
+  Raises:
+    ValueError: for a method that is not in :data:`elsa_jax.oneshot.registry.METHODS`.
+  """
+  spec = registry.method(method)
+  return spec.prune(kernel, gram, sparsity=sparsity, n_m=n_m, **_options(spec, damp, blocksize))
 
 
 def calibration_statistics(graphdef: Any, params: dict, windows: np.ndarray, *, batch_size: int = 8,
@@ -72,52 +50,51 @@ def calibration_statistics(graphdef: Any, params: dict, windows: np.ndarray, *, 
   """``X^T X`` of every linear map's input in every layer of the *dense* model.
 
   Used by SAFE+'s projection score (``||X_j||`` per input feature). Returns one
-  dict per layer keyed like :data:`LINEAR_INPUTS`' values.
+  dict per layer keyed like the architecture's ``linear_inputs`` values.
   """
+  arch = models.architecture_of(graphdef)
   stats = []
-  for _, layer_stats, _ in _layer_walk(graphdef, params, windows, batch_size=batch_size,
+  for _, layer_stats, _ in _layer_walk(arch, graphdef, params, windows, batch_size=batch_size,
                                        compute_dtype=compute_dtype):
     stats.append(layer_stats)
   return stats
 
 
-def _layer_walk(graphdef, params, windows, *, batch_size, compute_dtype, prune_layer: Callable | None = None):
+def _layer_walk(arch, graphdef, params, windows, *, batch_size, compute_dtype,
+                prune_layer: Callable | None = None):
   """Yields ``(index, stats, layer_params)`` per layer; ``prune_layer`` rewrites a layer before moving on."""
   windows = np.asarray(windows, np.int32)
   n, t = windows.shape
   if n % batch_size:
     batch_size = max(d for d in range(1, batch_size + 1) if n % d == 0)
-  layer_gd = _layer_graphdef(graphdef, params)
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch_size, t))
+  layer_gd = arch.layer_graphdef(graphdef, params)
   cast = lambda tree: jax.tree.map(lambda p: p.astype(compute_dtype), tree)
 
   @jax.jit
-  def embed(embed_params, ids):
-    table = embed_params["embedding"].astype(compute_dtype)
-    return jnp.take(table, ids, axis=0)
+  def embed(params, ids):
+    return arch.embed(params, ids, compute_dtype)
 
   @jax.jit
   def layer_stats(layer_params, hidden):
     layer = nnx.merge(layer_gd, cast(layer_params))
 
     def body(acc, x):
-      _, inputs = layer.with_linear_inputs(x, positions)
+      _, inputs = arch.layer_forward(layer, x)
       flat = {k: v.reshape(-1, v.shape[-1]).astype(jnp.float32) for k, v in inputs.items()}
       return {k: acc[k] + flat[k].T @ flat[k] for k in acc}, None
 
-    dims = {k: v.shape[-1] for k, v in jax.eval_shape(
-        lambda x: layer.with_linear_inputs(x, positions)[1], hidden[0]).items()}
+    dims = {k: v.shape[-1] for k, v in jax.eval_shape(lambda x: arch.layer_forward(layer, x)[1], hidden[0]).items()}
     zero = {k: jnp.zeros((d, d), jnp.float32) for k, d in dims.items()}
     return jax.lax.scan(body, zero, hidden)[0]
 
   @jax.jit
   def layer_forward(layer_params, hidden):
     layer = nnx.merge(layer_gd, cast(layer_params))
-    return jax.lax.map(lambda x: layer(x, positions), hidden)
+    return jax.lax.map(lambda x: arch.layer_forward(layer, x)[0], hidden)
 
   ids = jnp.asarray(windows.reshape(n // batch_size, batch_size, t))
-  hidden = jax.lax.map(lambda b: embed(params["embed_tokens"], b), ids)
-  layers = _layer_list(params)
+  hidden = jax.lax.map(lambda b: embed(params, b), ids)
+  layers = arch.decoder_layers(params)
   for i, layer_params in enumerate(layers):
     stats = layer_stats(layer_params, hidden)
     if prune_layer is not None:
@@ -127,9 +104,10 @@ def _layer_walk(graphdef, params, windows, *, batch_size, compute_dtype, prune_l
       hidden = layer_forward(layer_params, hidden)
 
 
-def _layer_list(params: dict) -> list:
-  layers = params["layers"]
-  return [layers[k] for k in sorted(layers)] if isinstance(layers, dict) else list(layers)
+def _get(tree: dict, path: tuple) -> Any:
+  for k in path:
+    tree = tree[k]
+  return tree
 
 
 def prune_oneshot(
@@ -146,22 +124,26 @@ def prune_oneshot(
     compute_dtype=jnp.float32,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-  """Prunes every decoder-layer matrix of a LLaMA by magnitude, Wanda or SparseGPT.
+  """Prunes every decoder-layer matrix of a model by a one-shot method (magnitude, Wanda, SparseGPT).
 
-  Embeddings, norms and the LM head stay dense (as in both papers).
+  The matrices are the architecture's (:func:`elsa_jax.models.architecture_of`
+  ``(graphdef)``): its ``prunable`` predicate without calibration, its
+  ``linear_inputs`` with. Embeddings, norms and the LM head stay dense (as in
+  both papers).
 
   Example::
 
-    graphdef, params = llama.split(model)
+    graphdef, params = elsa_jax.models.split(model)
     windows = np.stack([calib.batch(i)[0] for i in range(128)])  # [128, seqlen] token ids
     pruned = prune_oneshot(graphdef, params, windows, method="sparsegpt", sparsity=0.7)
 
   Args:
-    graphdef: the model's graph definition (:func:`elsa_jax.models.llama.split`).
+    graphdef: the model's graph definition (:func:`elsa_jax.models.split`).
     params: its parameters (pure dict); not modified.
     windows: ``[n, seqlen]`` calibration token ids (128 windows is the
       field's default); unused by magnitude.
-    method: ``"magnitude"`` (per matrix), ``"wanda"`` or ``"sparsegpt"``.
+    method: a name in :data:`elsa_jax.oneshot.registry.METHODS`: ``"magnitude"``
+      (per matrix), ``"wanda"`` or ``"sparsegpt"``.
     sparsity: fraction pruned per matrix (Wanda: per output row), in ``[0, 1)``.
     n_m: ``(n, m)`` for N:M sparsity instead (``sparsity`` ignored).
     batch_size: windows per forward pass.
@@ -174,46 +156,45 @@ def prune_oneshot(
     The pruned parameters (same tree, same dtypes).
 
   Raises:
-    ValueError: for an unknown method, a sparsity outside ``[0, 1)`` or no
-      calibration windows for a method that needs them; RuntimeError when
-      SparseGPT's damped Hessian is singular even at 100x ``damp``.
+    ValueError: for an unknown method, a sparsity outside ``[0, 1)``, no
+      calibration windows for a method that needs them, or a model of no
+      registered architecture; RuntimeError when SparseGPT's damped Hessian
+      is singular even at 100x ``damp``.
   """
-  _check_method(method)
+  spec = registry.method(method)
   if n_m is None:
     prunable_lib.check_sparsity(sparsity)
-  if method == "magnitude":
-    pattern = patterns.NM(*n_m) if n_m else patterns.Unstructured()
-    return finalize_lib.finalize(params, sparsity=sparsity, pattern=pattern, projection="magnitude")
+  arch = models.architecture_of(graphdef)
+  if not spec.needs_calibration:
+    return _prune_each_matrix(spec, params, sparsity=sparsity, n_m=n_m, prunable=arch.prunable,
+                              options=_options(spec, damp, blocksize))
   if windows is None or len(windows) == 0:
     raise ValueError(f"{method} needs calibration windows (token ids [n, seqlen]); none were given.")
-  n_layers = len(_layer_list(params))
+  n_layers = len(arch.decoder_layers(params))
+  walk_prune = spec.walk_prune or (lambda *a, where, **k: spec.prune(*a, **k))
+  options = _options(spec, damp, blocksize)
 
   def prune_layer(i, layer_params, stats):
     layer_params = jax.tree.map(lambda x: x, layer_params)  # a copy we may edit
-    for (block, name), key in LINEAR_INPUTS.items():
-      kernel = layer_params[block][name]["kernel"]
-      pruned = prune_matrix(method, kernel, stats[key], sparsity=sparsity, n_m=n_m, damp=damp,
-                            blocksize=blocksize)
-      tries = 0
-      while method == "sparsegpt" and not bool(jnp.all(jnp.isfinite(pruned))):
-        tries += 1
-        if tries > 2:
-          raise RuntimeError(f"SparseGPT: the Hessian of layer {i} {block}.{name} stays singular at "
-                             f"damp={damp * 10 ** tries / 10:g}; give more calibration windows.")
-        logger.warning("SparseGPT: layer %d %s.%s singular at damp %g; retrying at %g", i, block, name,
-                       damp * 10 ** (tries - 1), damp * 10 ** tries)
-        pruned = prune_matrix(method, kernel, stats[key], sparsity=sparsity, n_m=n_m,
-                              damp=damp * 10 ** tries, blocksize=blocksize)
-      layer_params[block][name]["kernel"] = pruned
+    for path, key in arch.linear_inputs.items():
+      linear = _get(layer_params, path)
+      linear["kernel"] = walk_prune(linear["kernel"], stats[key], sparsity=sparsity, n_m=n_m,
+                                    where=f"layer {i} {'.'.join(path)}", **options)
     return layer_params
 
   new_layers = []
-  for i, _, layer_params in _layer_walk(graphdef, params, windows, batch_size=batch_size,
+  for i, _, layer_params in _layer_walk(arch, graphdef, params, windows, batch_size=batch_size,
                                         compute_dtype=compute_dtype, prune_layer=prune_layer):
     new_layers.append(layer_params)
     if progress is not None:
       progress(i + 1, n_layers)
-  out = dict(params)
-  layers = params["layers"]
-  out["layers"] = dict(zip(sorted(layers), new_layers)) if isinstance(layers, dict) else type(layers)(new_layers)
-  return out
+  return arch.replace_decoder_layers(params, new_layers)
+
+
+def _prune_each_matrix(spec: registry.Method, params: dict, *, sparsity, n_m, prunable, options) -> dict:
+  """A method without calibration on every prunable matrix (its ``prune_tree`` when it has one)."""
+  if spec.prune_tree is not None:
+    return spec.prune_tree(params, sparsity=sparsity, n_m=n_m, prunable=prunable)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: spec.prune(leaf, None, sparsity=sparsity, n_m=n_m, **options)
+      if prunable(path, leaf) else leaf, params)

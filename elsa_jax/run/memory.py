@@ -22,9 +22,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from elsa_jax.models import llama
+from elsa_jax import models
+from elsa_jax.models import abstract_model  # noqa: F401  (kept here: scripts/bench_memory.py uses it)
 from elsa_jax.run import sharding as sharding_lib
 from elsa_jax.run import train
 
@@ -56,17 +56,8 @@ class MemoryPrediction:
             f"- aliased {self.alias_bytes / GiB:.2f}")
 
 
-def abstract_model(config: llama.LlamaConfig, *, remat: bool | str = False,
-                   scan_layers: bool = False) -> tuple[Any, Any]:
-  """``(graphdef, abstract params)`` of a model, without allocating its weights."""
-  abstract = nnx.eval_shape(
-      lambda: llama.Llama(config, remat=remat, scan_layers=scan_layers, rngs=nnx.Rngs(0))
-  )
-  return llama.split(abstract)
-
-
 def predict_memory(
-    config: llama.LlamaConfig,
+    config: Any,
     cfg: train.ElsaConfig,
     mesh: jax.sharding.Mesh,
     *,
@@ -77,6 +68,9 @@ def predict_memory(
     separate_z_update: bool = True,
 ) -> MemoryPrediction:
   """Compiles the ELSA train step abstractly and returns its per-device memory.
+
+  ``config`` is the model's config, of any registered architecture
+  (:func:`elsa_jax.models.abstract_model`).
 
   By default (``z_update=True``) this is the run's peak: with
   ``separate_z_update`` (how :func:`elsa_jax.run.train.run` runs by default) the
@@ -89,9 +83,8 @@ def predict_memory(
   if z_update not in (True, False, "program"):
     raise ValueError(f"z_update must be True, False or 'program', got {z_update!r}.")
   rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
-  graphdef, params = abstract_model(config, remat=remat, scan_layers=scan_layers)
-  model = llama.merge(graphdef, params)
-  axes = llama.logical_axes(model)
+  graphdef, params = models.abstract_model(config, remat=remat, scan_layers=scan_layers)
+  axes = models.logical_axes_of(graphdef, params)
   p_shard = sharding_lib.param_shardings(axes, params, mesh, rules)
   params = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, p_shard)
   tx = train.make_optimizer(cfg)

@@ -1,7 +1,8 @@
 """The ELSA pruning loop: a sharded, jitted train step, checkpoints and logging.
 
 The loop is deliberately thin: the method lives in the optax transforms
-(:func:`elsa_jax.admm`), the model in :mod:`elsa_jax.models.llama`, the data in
+(:func:`elsa_jax.admm`), the model in :mod:`elsa_jax.models` (any registered
+architecture), the data in
 :mod:`elsa_jax.data.documents`. This module wires them together under a device mesh:
 
 * parameters (fp32 master copy), gradients and optimizer state are placed with
@@ -35,8 +36,8 @@ from elsa_jax.lowp import adam as _low_precision
 from elsa_jax.optim import sam as _sam
 from elsa_jax.run import checkpoint as checkpoint_lib
 from elsa_jax.run import sharding as sharding_lib
+from elsa_jax import models
 from elsa_jax.sparsity import patterns
-from elsa_jax.models import llama
 
 logger = logging.getLogger(__name__)
 
@@ -139,13 +140,17 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def make_loss_fn(graphdef: Any, compute_dtype: jnp.dtype) -> Callable[[Any, jax.Array], jax.Array]:
-  """loss(params, tokens[B, T+1]) with params cast to the compute dtype."""
+  """loss(params, tokens[B, T+1]) with params cast to the compute dtype.
+
+  The logits are those of ``graphdef``'s architecture (:func:`elsa_jax.models.architecture_of`).
+  """
+  apply = models.architecture_of(graphdef).apply
 
   def loss_fn(params, tokens):
     cparams = jax.tree.map(
         lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
     )
-    logits = llama.apply(graphdef, cparams, tokens[:, :-1])
+    logits = apply(graphdef, cparams, tokens[:, :-1])
     return next_token_loss(logits, tokens)
 
   return loss_fn
@@ -213,21 +218,34 @@ def make_zu_step(tx: optax.GradientTransformation) -> Callable[[Any, Any], tuple
   return zu_step
 
 
-def activation_scores(stats: list[dict[str, jax.Array]]) -> dict:
+def activation_scores(stats: list[dict[str, jax.Array]], architecture: Any = None) -> dict:
   """SAFE+'s projection weights from :func:`elsa_jax.oneshot.walk.calibration_statistics`.
 
   ``||X_j||**2`` of each kernel's input as ``[in, 1]``, in a (prefix) pytree
-  of the LLaMA params: the objective-aware score ``v * w**2`` then ranks by
+  of the model's params: the objective-aware score ``v * w**2`` then ranks by
   Wanda's ``|w| * ||X_j||``.
-  """
-  from elsa_jax.oneshot import walk as baselines
 
+  Args:
+    stats: one dict per decoder layer, keyed like the architecture's ``linear_inputs`` values.
+    architecture: the model's architecture, its ``model_type`` or its graphdef
+      (:func:`elsa_jax.models.architecture_of`); None: that of
+      :data:`elsa_jax.models.registry.DEFAULT_MODEL_TYPE`.
+
+  Returns:
+    ``{"layers": {i: {...: {"kernel": [in, 1]}}}}``, the linear maps at their paths in a layer.
+  """
+  if architecture is None:
+    architecture = models.registry.DEFAULT_MODEL_TYPE
+  linear_inputs = models.architecture_of(architecture).linear_inputs
   layers = {}
   for i, layer_stats in enumerate(stats):
     entry: dict = {}
-    for (block, name), key in baselines.LINEAR_INPUTS.items():
+    for path, key in linear_inputs.items():
       diag = jnp.diagonal(layer_stats[key]).astype(jnp.float32)
-      entry.setdefault(block, {})[name] = {"kernel": diag[:, None]}
+      node = entry
+      for k in path:
+        node = node.setdefault(k, {})
+      node["kernel"] = diag[:, None]
     layers[i] = entry
   return {"layers": layers}
 

@@ -11,7 +11,9 @@ import pytest
 from flax import nnx
 
 import elsa_jax
-from elsa_jax.oneshot import matrix as _oneshot
+from elsa_jax import oneshot
+from elsa_jax.oneshot import sparsegpt
+from elsa_jax.oneshot import wanda
 from elsa_jax.oneshot import walk as baselines
 from elsa_jax.models import llama
 from elsa_jax.run import train
@@ -82,8 +84,8 @@ def test_sparsegpt_matches_the_published_algorithm(kw):
   w = rng.normal(size=(20, 48)).astype(np.float32)  # [out, in]; 20 x 16 per block: whole counts
   h = x.T @ x
   ref = _sparsegpt_reference(w, h, kw.get("sparsity", 0.0), *((2, 4) if "n_m" in kw else (0, 0)), blocksize=16)
-  got = jax.jit(lambda k, g: _oneshot.sparsegpt_prune(k, g, kw.get("sparsity"), n_m=kw.get("n_m"),
-                                                      blocksize=16))(jnp.asarray(w.T), jnp.asarray(h))
+  got = jax.jit(lambda k, g: sparsegpt.sparsegpt_prune(k, g, kw.get("sparsity"), n_m=kw.get("n_m"),
+                                                        blocksize=16))(jnp.asarray(w.T), jnp.asarray(h))
   chex.assert_shape(got, (48, 20))
   got = np.asarray(got).T
   assert np.all(got[:, 7] == 0)
@@ -109,13 +111,13 @@ def test_reconstruction_error_sparsegpt_below_wanda_below_magnitude(kw):
   prune = jax.jit(lambda method, k, g: baselines.prune_matrix(method, k, g, sparsity=sparsity, n_m=n_m),
                   static_argnums=0)
   errors = {}
-  for method in baselines.ONESHOT_METHODS:
+  for method in oneshot.METHODS:
     pruned = prune(method, kernel, gram)
     expected = round((sparsity if n_m is None else 0.5) * kernel.size)
     assert abs(int(jnp.sum(pruned == 0)) - expected) <= kernel.shape[1] // 2, method
     # Same objective computed two ways: ||X W - X W'||^2.
     direct = float(jnp.sum(jnp.square(x @ kernel - x @ pruned)))
-    errors[method] = float(_oneshot.reconstruction_error(kernel, pruned, gram))
+    errors[method] = float(sparsegpt.reconstruction_error(kernel, pruned, gram))
     np.testing.assert_allclose(errors[method], direct, rtol=1e-3)
   assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
 
@@ -124,13 +126,13 @@ def test_wanda_keeps_the_top_scores_of_every_output_row():
   rng = np.random.default_rng(_fresh_seed())
   x = _activations(rng, 256, 32)
   kernel = rng.normal(size=(32, 12)).astype(np.float32)
-  pruned = np.asarray(jax.jit(lambda k, g: _oneshot.wanda_prune(k, g, 0.75))(kernel, x.T @ x))
+  pruned = np.asarray(jax.jit(lambda k, g: wanda.wanda_prune(k, g, 0.75))(kernel, x.T @ x))
   score = np.abs(kernel) * np.linalg.norm(x, axis=0)[:, None]
   for j in range(kernel.shape[1]):  # output j = column j of the [in, out] kernel
     kept = np.sort(np.argsort(-score[:, j], kind="stable")[:8])
     np.testing.assert_array_equal(np.flatnonzero(pruned[:, j]), kept)
     np.testing.assert_array_equal(pruned[kept, j], kernel[kept, j])
-  nm = np.asarray(_oneshot.wanda_prune(kernel, x.T @ x, n_m=(2, 4)))
+  nm = np.asarray(wanda.wanda_prune(kernel, x.T @ x, n_m=(2, 4)))
   np.testing.assert_array_equal((nm.reshape(8, 4, 12) != 0).sum(1), 2)
 
 
@@ -155,7 +157,7 @@ def test_each_layer_is_pruned_on_the_outputs_of_the_pruned_layers_before_it(meth
   dense_layers = llama.merge(graphdef, params).layers
   for i in range(3):
     _, inputs = dense_layers[i].with_linear_inputs(x, pos)
-    for (block, name), key in baselines.LINEAR_INPUTS.items():
+    for (block, name), key in llama.LINEAR_INPUTS.items():
       v = inputs[key].reshape(-1, inputs[key].shape[-1])
       expected = baselines.prune_matrix(method, params["layers"][i][block][name]["kernel"], v.T @ v,
                                         sparsity=0.6)

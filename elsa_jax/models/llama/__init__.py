@@ -1,4 +1,8 @@
-"""Flax NNX LLaMA: the model, and its conversion from/to Hugging Face and GGUF weights."""
+"""Flax NNX LLaMA: the model, and its conversion from/to Hugging Face and GGUF weights.
+
+:data:`ARCHITECTURE` is what :mod:`elsa_jax.models.registry` registers under
+``"llama"``: everything the rest of the package knows of LLaMA.
+"""
 
 from elsa_jax.models.llama.config import LlamaConfig
 from elsa_jax.models.llama.convert import config_from_pretrained, from_pretrained, save_pretrained, hf_name, flax_path
@@ -15,8 +19,11 @@ from elsa_jax.models.llama.model import (
     rope_inv_freq,
     split,
 )
+from elsa_jax.models.llama.architecture import ARCHITECTURE, LINEAR_INPUTS
 
 __all__ = [
-    "REMAT_POLICIES", "Llama", "LlamaConfig", "apply", "config_from_gguf_file", "config_from_pretrained", "flax_path", "from_gguf", "from_pretrained", "hf_name", "logical_axes",
-    "logical_axes_of", "merge", "param_count", "remat_policy", "rope_inv_freq", "save_pretrained", "split", "tokenizer_from_gguf",
+    "ARCHITECTURE", "LINEAR_INPUTS", "REMAT_POLICIES", "Llama", "LlamaConfig", "apply", "config_from_gguf_file",
+    "config_from_pretrained", "flax_path", "from_gguf", "from_pretrained", "hf_name", "logical_axes",
+    "logical_axes_of", "merge", "param_count", "remat_policy", "rope_inv_freq", "save_pretrained", "split",
+    "tokenizer_from_gguf",
 ]

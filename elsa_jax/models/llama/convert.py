@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from elsa_jax.files import atomic_directory
+from elsa_jax.models import hf
 from elsa_jax.models.llama.config import LlamaConfig
 from elsa_jax.models.llama.model import Llama, merge, split
 
@@ -55,28 +57,6 @@ def _get(tree: dict, path: tuple) -> Any:
   return tree
 
 
-def _resolve(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
-  path = pathlib.Path(path_or_hub_id)
-  if path.is_dir():
-    return path
-  if path.exists():
-    raise ValueError(f"{path} is a file; from_pretrained takes an HF model directory "
-                     f"(config.json + *.safetensors). For a .gguf file use elsa_jax.models.llama.from_gguf.")
-  name = str(path_or_hub_id)
-  if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/")):
-    try:
-      from huggingface_hub import snapshot_download
-
-      return pathlib.Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
-    except Exception as err:  # no network, unknown repo, gated model...
-      raise FileNotFoundError(
-          f"no local directory {name!r}, and the hub id {name!r} could not be downloaded ({type(err).__name__}: "
-          f"{err}); check the network and the id, or pass a local HF directory."
-      ) from err
-  raise FileNotFoundError(f"no such file or directory: {name!r}; pass an HF model directory, a hub id "
-                          f"(org/name) or a .gguf file.")
-
-
 def _tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
   """Tensor name -> safetensors file, from the shard index if there is one."""
   index = directory / "model.safetensors.index.json"
@@ -98,11 +78,7 @@ def _tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
 
 def config_from_pretrained(path_or_hub_id: str | os.PathLike) -> LlamaConfig:
   """The :class:`LlamaConfig` of an HF directory (or hub id), without reading any weight."""
-  directory = _resolve(path_or_hub_id)
-  config_file = directory / "config.json"
-  if not config_file.exists():
-    raise FileNotFoundError(f"{directory} has no config.json; it is not an HF model directory.")
-  return LlamaConfig.from_hf(json.loads(config_file.read_text()))
+  return LlamaConfig.from_hf(hf.read_config(hf.resolve(path_or_hub_id)))
 
 
 def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
@@ -141,11 +117,23 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtyp
     >>> loaded == config, model.layers[0].mlp.up_proj.kernel.shape
     (True, (32, 48))
   """
+  directory = hf.resolve(path_or_hub_id)
+  return load_weights(directory, config_from_pretrained(directory), dtype=dtype, param_dtype=param_dtype,
+                      remat=remat, shardings=shardings)
+
+
+def load_weights(directory: pathlib.Path, config: LlamaConfig, *, build: Callable[..., Llama] = Llama,
+                 dtype=None, param_dtype=jnp.float32, remat: bool = False,
+                 shardings: Any = None) -> tuple[Llama, LlamaConfig]:
+  """The safetensors weights of ``directory`` in ``build(config, ...)`` (a :class:`Llama` or a subclass).
+
+  :func:`from_pretrained` once the directory and its config are known; a
+  LLaMA-layout architecture with its own config.json (another ``model_type``)
+  loads its weights with it. Arguments and errors as :func:`from_pretrained`.
+  """
   from safetensors import safe_open
 
-  directory = _resolve(path_or_hub_id)
-  config = config_from_pretrained(directory)
-  abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, param_dtype=param_dtype, remat=remat))
+  abstract = nnx.eval_shape(lambda: build(config, dtype=dtype, param_dtype=param_dtype, remat=remat))
   graphdef, shapes = split(abstract)
   names = flax_path(shapes)
   files = _tensor_files(directory)

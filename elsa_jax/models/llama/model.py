@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from elsa_jax.models.base import REMAT_POLICIES, merge, remat_policy, split
 from elsa_jax.models.llama.config import LlamaConfig
 
 #: Attention falls back to query chunks of this many tokens above it, so that
@@ -285,23 +286,6 @@ class Llama(nnx.Module):
     return logits.astype(jnp.float32)
 
 
-#: Rematerialisation policies of :class:`Llama`'s ``remat`` (None: save nothing inside a layer).
-REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def remat_policy(remat: bool | str):
-  """The ``jax.checkpoint`` policy of a ``remat`` setting (None for full remat or none)."""
-  if remat is True or remat is False:
-    return None
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy {remat!r}; use True/False or one of {', '.join(REMAT_POLICIES)}.")
-  return REMAT_POLICIES[remat]
-
-
 def _with_lazy_sharding(fn):
   def wrapped(*args, **kwargs):
     with nnx.use_eager_sharding(False):
@@ -310,17 +294,6 @@ def _with_lazy_sharding(fn):
 
 
 Llama.__init__ = _with_lazy_sharding(Llama.__init__)
-
-
-def split(model: Llama) -> tuple[Any, dict]:
-  """``(graphdef, params)``: params a nested pure dict of arrays (list indices as ints)."""
-  graphdef, state = nnx.split(model)
-  return graphdef, nnx.to_pure_dict(state)
-
-
-def merge(graphdef: Any, params: dict) -> Llama:
-  """The inverse of :func:`split`; works on traced arrays inside ``jit``/``grad``."""
-  return nnx.merge(graphdef, params)
 
 
 def apply(graphdef: Any, params: dict, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:

@@ -1,61 +1,22 @@
-"""One-shot pruning of a single linear map from its calibration statistics.
+"""SparseGPT (Frantar & Alistarh 2023): prune with blocked OBS updates from ``X^T X``.
 
-Pure functions: they see one kernel and the statistics of its input, never a
-model. :mod:`elsa_jax.oneshot.walk` runs them layer by layer.
-
-Conventions: a kernel is Flax's ``[in, out]``; ``gram`` is ``X^T X`` of the
-map's input activations ``X [tokens, in]`` (any positive scale: both methods
-are invariant to it). "Per output row" (Wanda's comparison group, PyTorch's
-row of ``weight [out, in]``) is a column of the kernel, i.e. ``axis=0``.
+Conventions as in :mod:`elsa_jax.oneshot.wanda`: kernels ``[in, out]``,
+``gram`` = ``X^T X`` of the map's input. :func:`reconstruction_error` is the
+layer-wise objective SparseGPT minimises, and the yardstick of every one-shot
+method.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 
 from elsa_jax.sparsity import topk as _projection
 
-
-def activation_norms(gram: jax.Array) -> jax.Array:
-  """``||X_j||_2`` of every input feature, from ``X^T X`` (its diagonal)."""
-  return jnp.sqrt(jnp.maximum(jnp.diagonal(gram).astype(jnp.float32), 0.0))
-
-
-def wanda_score(kernel: jax.Array, norms: jax.Array) -> jax.Array:
-  """Wanda's importance ``|W_ij| * ||X_j||`` of a kernel ``[in, out]`` (Sun et al. 2023)."""
-  return jnp.abs(kernel.astype(jnp.float32)) * norms.astype(jnp.float32)[:, None]
-
-
-def wanda_prune(kernel: jax.Array, gram: jax.Array, sparsity=None, *, n_m: tuple[int, int] | None = None
-                ) -> jax.Array:
-  """Wanda: zero the lowest ``|W| * ||X||`` inside every output row (or N:M group).
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> x = jax.random.normal(jax.random.key(0), (256, 16))
-    >>> w = jax.random.normal(jax.random.key(1), (16, 8))
-    >>> pruned = wanda_prune(w, x.T @ x, 0.5)
-    >>> int((pruned == 0).sum(axis=0).min())  # 8 of 16 inputs zeroed for every output
-    8
-
-  Args:
-    kernel: ``[in, out]`` weights.
-    gram: ``[in, in]`` input second moments ``X^T X`` (only the diagonal is read).
-    sparsity: fraction of every output row's weights zeroed (unstructured).
-    n_m: ``(n, m)``: instead keep ``n`` of every ``m`` consecutive inputs.
-
-  Returns:
-    The pruned kernel, in the kernel's dtype.
-  """
-  score = wanda_score(kernel, activation_norms(gram))
-  if n_m is not None:
-    keep = _projection.nm_mask(score, *n_m, axis=0)
-  else:
-    keep = _projection.row_mask(score, sparsity, axis=0)
-  return jnp.where(keep, kernel, jnp.zeros_like(kernel))
+logger = logging.getLogger(__name__)
 
 
 def _block_size(columns: int, target: int, multiple: int) -> int:
@@ -173,11 +134,37 @@ def reconstruction_error(kernel: jax.Array, pruned: jax.Array, gram: jax.Array) 
   return jnp.sum(delta * (gram.astype(jnp.float32) @ delta))
 
 
+def sparsegpt_prune_retrying(kernel: jax.Array, gram: jax.Array, sparsity=None, *,
+                             n_m: tuple[int, int] | None = None, blocksize: int = 128, damp: float = 0.01,
+                             where: str = "the matrix") -> jax.Array:
+  """:func:`sparsegpt_prune`, retried at 10x then 100x ``damp`` while the result is not finite.
+
+  Args:
+    kernel, gram, sparsity, n_m, blocksize, damp: as :func:`sparsegpt_prune`.
+    where: the matrix's name in the warnings and the error, e.g. ``"layer 3 mlp.up_proj"``.
+
+  Returns:
+    The pruned kernel (finite).
+
+  Raises:
+    RuntimeError: when the damped Hessian stays singular at 100x ``damp``.
+  """
+  pruned = sparsegpt_prune(kernel, gram, sparsity, n_m=n_m, damp=damp, blocksize=blocksize)
+  tries = 0
+  while not bool(jnp.all(jnp.isfinite(pruned))):
+    tries += 1
+    if tries > 2:
+      raise RuntimeError(f"SparseGPT: the Hessian of {where} stays singular at "
+                         f"damp={damp * 10 ** tries / 10:g}; give more calibration windows.")
+    logger.warning("SparseGPT: %s singular at damp %g; retrying at %g", where, damp * 10 ** (tries - 1),
+                   damp * 10 ** tries)
+    pruned = sparsegpt_prune(kernel, gram, sparsity, n_m=n_m, damp=damp * 10 ** tries, blocksize=blocksize)
+  return pruned
+
+
 __all__ = [
-    "activation_norms",
-    "wanda_score",
-    "wanda_prune",
-    "sparsegpt_prune",
     "inverse_hessian_factor",
+    "sparsegpt_prune",
+    "sparsegpt_prune_retrying",
     "reconstruction_error",
 ]

@@ -1,0 +1,49 @@
+"""Hugging Face model directories of any architecture: where they are and their config.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+from typing import Any
+
+
+def resolve(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
+  """The local directory of an HF model: ``path_or_hub_id`` itself, or the hub id downloaded.
+
+  Raises:
+    ValueError: when the path is a file (a ``.gguf`` goes to ``from_gguf``).
+    FileNotFoundError: no such directory, and not a hub id that could be downloaded.
+  """
+  path = pathlib.Path(path_or_hub_id)
+  if path.is_dir():
+    return path
+  if path.exists():
+    raise ValueError(f"{path} is a file; from_pretrained takes an HF model directory "
+                     f"(config.json + *.safetensors). For a .gguf file use elsa_jax.models.from_gguf.")
+  name = str(path_or_hub_id)
+  if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/")):
+    try:
+      from huggingface_hub import snapshot_download
+
+      return pathlib.Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as err:  # no network, unknown repo, gated model...
+      raise FileNotFoundError(
+          f"no local directory {name!r}, and the hub id {name!r} could not be downloaded ({type(err).__name__}: "
+          f"{err}); check the network and the id, or pass a local HF directory."
+      ) from err
+  raise FileNotFoundError(f"no such file or directory: {name!r}; pass an HF model directory, a hub id "
+                          f"(org/name) or a .gguf file.")
+
+
+def read_config(directory: pathlib.Path) -> dict[str, Any]:
+  """The config.json dict of an HF model directory.
+
+  Raises:
+    FileNotFoundError: the directory has no config.json.
+  """
+  config_file = directory / "config.json"
+  if not config_file.exists():
+    raise FileNotFoundError(f"{directory} has no config.json; it is not an HF model directory.")
+  return json.loads(config_file.read_text())

@@ -1,0 +1,101 @@
+"""LLaMA as an :class:`elsa_jax.models.base.Architecture`: what the rest of the package sees of it.
+
+Example:
+  >>> from elsa_jax.models import llama
+  >>> llama.ARCHITECTURE.model_type, llama.LINEAR_INPUTS[("mlp", "down_proj")]
+  ('llama', 'mlp_hidden')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from elsa_jax.models.base import Architecture, merge
+from elsa_jax.sparsity.prunable import path_names
+from elsa_jax.models.llama.config import LlamaConfig
+from elsa_jax.models.llama.convert import from_pretrained, save_pretrained
+from elsa_jax.models.llama.gguf import config_from_gguf, from_gguf
+from elsa_jax.models.llama.model import Llama, apply, logical_axes
+
+#: Which captured input (:meth:`LlamaDecoderLayer.with_linear_inputs`) each linear map of a decoder layer reads.
+LINEAR_INPUTS = {
+    ("self_attn", "q_proj"): "attn_in",
+    ("self_attn", "k_proj"): "attn_in",
+    ("self_attn", "v_proj"): "attn_in",
+    ("self_attn", "o_proj"): "attn_out",
+    ("mlp", "gate_proj"): "mlp_in",
+    ("mlp", "up_proj"): "mlp_in",
+    ("mlp", "down_proj"): "mlp_hidden",
+}
+
+
+def embed(params: dict, input_ids: jax.Array, compute_dtype) -> jax.Array:
+  """The token embeddings ``[..., hidden]`` that the first decoder layer reads, in ``compute_dtype``."""
+  table = params["embed_tokens"]["embedding"].astype(compute_dtype)
+  return jnp.take(table, input_ids, axis=0)
+
+
+def decoder_layers(params: dict) -> list:
+  """The params of every decoder layer, in order (``params["layers"]``, a dict or a list)."""
+  layers = params["layers"]
+  return [layers[k] for k in sorted(layers)] if isinstance(layers, dict) else list(layers)
+
+
+def replace_decoder_layers(params: dict, new_layers: list) -> dict:
+  """``params`` with its decoder layers replaced by ``new_layers`` (same container type)."""
+  out = dict(params)
+  layers = params["layers"]
+  out["layers"] = dict(zip(sorted(layers), new_layers)) if isinstance(layers, dict) else type(layers)(new_layers)
+  return out
+
+
+def layer_graphdef(graphdef: Any, params: dict) -> Any:
+  """The graphdef of one :class:`LlamaDecoderLayer` (every layer has the same)."""
+  return nnx.split(merge(graphdef, params).layers[0])[0]
+
+
+def layer_forward(layer: Any, hidden: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """One decoder layer on ``hidden [B, T, D]`` (positions ``0..T-1``) and its linear maps' inputs."""
+  b, t = hidden.shape[:2]
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return layer.with_linear_inputs(hidden, positions)
+
+
+def prunable(path: tuple, leaf: Any) -> bool:
+  """The decoder layers' linear kernels: 2-D ``kernel`` leaves below ``layers`` (never embeddings,
+  norms, biases or the LM head)."""
+  names = path_names(path)
+  return (len(names) >= 2 and names[0] == "layers" and names[-1] == "kernel"
+          and getattr(leaf, "ndim", None) == 2)
+
+
+def build(config: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, remat: bool | str = False,
+          scan_layers: bool = False, rngs: nnx.Rngs | None = None) -> Llama:
+  """A :class:`Llama` of ``config`` (see its arguments)."""
+  return Llama(config, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers, rngs=rngs)
+
+
+ARCHITECTURE = Architecture(
+    model_type="llama",
+    model_class=Llama,
+    config_class=LlamaConfig,
+    build=build,
+    apply=apply,
+    logical_axes=logical_axes,
+    config_from_hf=LlamaConfig.from_hf,
+    from_pretrained=from_pretrained,
+    save_pretrained=save_pretrained,
+    embed=embed,
+    decoder_layers=decoder_layers,
+    replace_decoder_layers=replace_decoder_layers,
+    layer_graphdef=layer_graphdef,
+    layer_forward=layer_forward,
+    linear_inputs=LINEAR_INPUTS,
+    prunable=prunable,
+    config_from_gguf=config_from_gguf,
+    from_gguf=from_gguf,
+)
