@@ -90,7 +90,7 @@ def _child(spec: dict) -> dict:
   s_shard = sharding.opt_state_shardings(tx, abstract, p_shard, mesh)
   init = jax.jit(lambda: llama.split(llama.Llama(config, remat=spec["remat"], rngs=nnx.Rngs(0)))[1],
                  out_shardings=p_shard)
-  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA))
+  data = sharding.batch_sharding(mesh)
   batch_shape = jax.ShapeDtypeStruct((1, cfg.batch_size, cfg.seqlen + 1), jnp.int32, sharding=data)
   state_abstract = jax.eval_shape(tx.init, abstract)
   compiled = {}  # the programs of a run (as train.run runs them), compiled before measuring

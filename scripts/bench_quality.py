@@ -19,7 +19,6 @@ there they start from Wanda and the table shows what the short budget adds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
@@ -29,8 +28,8 @@ import time
 
 import jax
 
+from elsa_jax.cli import config as config_lib
 from elsa_jax.cli import jobs as pipeline
-from elsa_jax.run import train
 
 ALL_METHODS = ("magnitude", "wanda", "sparsegpt", "safe", "elsa")
 ALL_PATTERNS = ("0.5", "0.6", "0.7", "0.8", "0.9", "2:4")
@@ -39,7 +38,7 @@ ALL_PATTERNS = ("0.5", "0.6", "0.7", "0.8", "0.9", "2:4")
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", default="default")
-  ap.add_argument("--preset", default="cpu", choices=sorted(pipeline.PRESETS))
+  ap.add_argument("--preset", default="cpu", choices=sorted(config_lib.PRESETS))
   ap.add_argument("--methods", default=",".join(ALL_METHODS))
   ap.add_argument("--sparsities", default=",".join(ALL_PATTERNS), help="fractions and/or N:M patterns")
   ap.add_argument("--steps", type=int, help="override the preset's ELSA steps")
@@ -60,18 +59,22 @@ def main() -> None:
   ap.add_argument("--out-dir", default="results")
   args = ap.parse_args()
 
-  preset = pipeline.PRESETS[args.preset]
+  preset = config_lib.PRESETS[args.preset]
   overrides = {k: v for k, v in dict(steps=args.steps, lmda=args.lmda, lr=args.lr, interval=args.interval,
                                      score_source=args.score_source,
                                      lmda_schedule=args.lmda_schedule, state_dtype=args.state_dtype,
                                      moment_dtype=args.moment_dtype, score_dtype=args.score_dtype).items()
                if v is not None}
-  fields = {f.name for f in dataclasses.fields(train.ElsaConfig)}
-  base = train.ElsaConfig(**{**{k: v for k, v in preset.items() if k in fields}, **overrides})
   init_method = args.init_method or ("wanda" if args.preset == "cpu" else "dense")
-  oneshot_windows = args.calib_windows or preset.get("oneshot_windows", 128)
-  eval_seqlen = preset["eval_seqlen"]
-  eval_windows = preset["eval_windows"] if args.eval_windows is None else args.eval_windows
+  oneshot_windows = args.calib_windows or preset.data.calib_windows
+  eval_seqlen = preset.evaluation.seqlen
+  eval_windows = preset.evaluation.windows if args.eval_windows is None else args.eval_windows
+  base_run = config_lib.override(
+      preset, elsa=overrides, model={"path": args.model}, data={"calib_windows": oneshot_windows},
+      evaluation={"windows": eval_windows, "compare_magnitude": False},
+      output={"overwrite": True, "checkpoint_every": 0},
+  )
+  base = base_run.method.elsa
   out_dir = pathlib.Path(args.out_dir)
   name = args.preset + (f"-{args.tag}" if args.tag else "")  # of every file and run folder written
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,17 +85,15 @@ def main() -> None:
   dense = None
   t0 = time.time()
   for target in targets:
-    cfg = (dataclasses.replace(base, pattern=target) if ":" in target
-           else dataclasses.replace(base, sparsity=float(target)))
+    elsa = {"pattern": target} if ":" in target else {"sparsity": float(target)}
     for method in methods:
       run_dir = out_dir / "runs" / f"{name}-{method}-{target.replace(':', 'of')}"
       try:
-        summary = pipeline.prune(
-            model=args.model, output=run_dir, cfg=cfg, method=method, eval_seqlen=eval_seqlen,
-            eval_windows=eval_windows, compare_magnitude=False, evaluate_dense=dense is None,
-            overwrite=True, checkpoint_every=0, progress=False, oneshot_windows=oneshot_windows,
-            init_method=init_method if method in pipeline.ADMM_METHODS else "dense",
+        run = config_lib.override(
+            base_run, elsa=elsa, output={"dir": run_dir}, evaluation={"dense": dense is None},
+            method={"name": method, "init": init_method if method in config_lib.ADMM_METHODS else "dense"},
         )
+        summary = pipeline.prune(run, progress=False)
       except ValueError as err:
         print(f"skipping {method}: {err}", file=sys.stderr)
         continue
@@ -107,7 +108,7 @@ def main() -> None:
   lines = [
       f"model {args.model}, preset {args.preset} (ELSA/SAFE {base.steps} steps x {base.batch_size} x "
       f"{base.seqlen} tokens from {init_method}, lr {base.lr}, lmda {base.lmda}, interval {base.interval}, "
-      f"score {base.score_source}, lmda schedule {base.lmda_schedule}, SAFE rho {pipeline.SAFE_RHO}; Wanda/SparseGPT {oneshot_windows} windows x "
+      f"score {base.score_source}, lmda schedule {base.lmda_schedule}, SAFE rho {config_lib.SAFE_RHO}; Wanda/SparseGPT {oneshot_windows} windows x "
       f"{base.seqlen}), "
       f"eval seqlen {eval_seqlen}, windows {eval_windows or 'all'}, device {device}, {datetime.date.today()}, "
       f"dense perplexity {dense:.3f}",
@@ -119,7 +120,7 @@ def main() -> None:
     cells = [results.get((method, t)) for t in targets]
     if all(c is None for c in cells):
       continue
-    label = method if method not in pipeline.ADMM_METHODS or init_method == "dense" else \
+    label = method if method not in config_lib.ADMM_METHODS or init_method == "dense" else \
         f"{method} (from {init_method})"
     lines.append(f"| {label} | " + " | ".join("-" if c is None else _fmt(c) for c in cells) + " |")
   table = "\n".join(lines)

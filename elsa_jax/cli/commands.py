@@ -14,9 +14,27 @@ import json
 import logging
 import sys
 
+from elsa_jax.cli import config as config_lib
 from elsa_jax.run import train
 
-_ELSA_FIELDS = {f.name: f for f in dataclasses.fields(train.ElsaConfig)}
+_ELSA_FIELDS = tuple(f.name for f in dataclasses.fields(train.ElsaConfig))
+#: The flags of ``prune`` (argparse dests) -> the (section, field) of the RunConfig they set; the ELSA flags
+#: (``_ELSA_FIELDS``) set the fields of its ``method.elsa``.
+_RUN_FLAGS = {
+    "model": ("model", "path"), "remat": ("model", "remat"), "scan_layers": ("model", "scan_layers"),
+    "mesh": ("model", "mesh"),
+    "calib": ("data", "calib"), "eval_text": ("data", "eval_text"), "text_field": ("data", "text_field"),
+    "calib_windows": ("data", "calib_windows"), "calib_seqlen": ("data", "calib_seqlen"),
+    "method": ("method", "name"), "init_method": ("method", "init"), "damp": ("method", "damp"),
+    "eval_seqlen": ("evaluation", "seqlen"), "eval_windows": ("evaluation", "windows"),
+    "no_compare_magnitude": ("evaluation", "compare_magnitude"), "no_dense_eval": ("evaluation", "dense"),
+    "output": ("output", "dir"), "checkpoint_every": ("output", "checkpoint_every"), "keep": ("output", "keep"),
+    "overwrite": ("output", "overwrite"),
+}
+#: ``--no-X`` flags: given, they set X to False.
+_NEGATED = ("no_compare_magnitude", "no_dense_eval")
+#: Flags whose 0 means "the preset's value", as it always has.
+_ZERO_IS_UNSET = ("eval_seqlen", "calib_windows", "calib_seqlen")
 
 
 def _mesh(text: str) -> tuple[int, int]:
@@ -53,13 +71,26 @@ def _add_elsa_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--seed", type=int)
 
 
-def _elsa_config(args: argparse.Namespace, preset: dict) -> train.ElsaConfig:
-  values = {k: v for k, v in preset.items() if k in _ELSA_FIELDS}
-  for name in _ELSA_FIELDS:
-    v = getattr(args, name, None)
-    if v is not None:
-      values[name] = v
-  return train.ElsaConfig(**values)
+def _given(args: argparse.Namespace, dest: str) -> bool:
+  value = getattr(args, dest, None)
+  if value is None or value is False:  # not given (a store_true flag is False when absent)
+    return False
+  return not (dest in _ZERO_IS_UNSET and value == 0)
+
+
+def run_config(args: argparse.Namespace) -> config_lib.RunConfig:
+  """The RunConfig of parsed ``prune`` flags: the preset's, with the flags given in its place.
+
+  Raises:
+    ValueError: for an unknown preset or a value a section of the RunConfig refuses.
+  """
+  sections: dict[str, dict] = {}
+  for dest, (section, name) in _RUN_FLAGS.items():
+    if _given(args, dest):
+      value = getattr(args, dest)
+      sections.setdefault(section, {})[name] = not value if dest in _NEGATED else value
+  elsa = {name: getattr(args, name) for name in _ELSA_FIELDS if _given(args, name)}
+  return config_lib.override(config_lib.resolve_preset(args.preset), elsa=elsa, **sections)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,20 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     if args.command == "prune":
-      preset = pipeline.resolve_preset(args.preset)
-      cfg = _elsa_config(args, preset)
-      summary = pipeline.prune(
-          model=args.model, calib=args.calib, eval_text=args.eval_text, output=args.output, cfg=cfg,
-          method=args.method, mesh_shape=args.mesh,
-          eval_seqlen=args.eval_seqlen or preset.get("eval_seqlen", 1024),
-          eval_windows=preset.get("eval_windows", 0) if args.eval_windows is None else args.eval_windows,
-          checkpoint_every=args.checkpoint_every, keep=args.keep, overwrite=args.overwrite,
-          compare_magnitude=not args.no_compare_magnitude, evaluate_dense=not args.no_dense_eval,
-          text_field=args.text_field, init_method=args.init_method,
-          oneshot_windows=args.calib_windows or preset.get("oneshot_windows", 128),
-          oneshot_seqlen=args.calib_seqlen or preset.get("oneshot_seqlen"), damp=args.damp, remat=args.remat,
-          scan_layers=args.scan_layers,
-      )
+      summary = pipeline.prune(run_config(args))
       keys = [k for k in summary if k.endswith("_ppl")]
       print(json.dumps({k: round(summary[k], 3) for k in keys}))
     elif args.command == "eval":

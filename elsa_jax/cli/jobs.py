@@ -14,13 +14,14 @@ import logging
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from elsa_jax import models
+from elsa_jax.cli import config as config_lib
 from elsa_jax.optim import finalize as finalize_lib
 from elsa_jax.files import atomic_directory
 from elsa_jax.data import assets
@@ -36,55 +37,19 @@ from elsa_jax.sparsity import patterns
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "default"
-#: Pruning methods of :func:`prune`: the ADMM family (trained on the model's
-#: loss) and the one-shot baselines (:data:`elsa_jax.oneshot.registry.METHODS`).
-ADMM_METHODS = ("elsa", "safe", "safe+")
-METHODS = ADMM_METHODS + oneshot_registry.ONESHOT_METHODS
-#: Starting points of an ADMM method: the dense model or a one-shot baseline.
-INIT_METHODS = ("dense",) + oneshot_registry.ONESHOT_METHODS
-#: SAFE's SAM radius when ``--sam-rho`` is not given.
-SAFE_RHO = 0.05
-DEFAULT_TEXT = "default"
-
-#: Presets. ``cpu``: the short run that fits ~10 minutes on a 2-core CPU.
-#: ``full``: the budget of the measured prototype (1024 x 8 x 1024 tokens) for
-#: one GPU. ``paper``: the authors' LLaMA-2-7B recipe (4096 x 8 x 2048, lr 2e-4,
-#: Adam's own second moment as the score).
-PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(steps=16, batch_size=2, seqlen=256, interval=4, lr=1e-3, eval_seqlen=512, eval_windows=8,
-                oneshot_windows=32,
-                compute_dtype="float32"),
-    "full": dict(steps=1024, batch_size=8, seqlen=1024, interval=32, lr=1e-3, eval_seqlen=1024, eval_windows=0),
-    "paper": dict(steps=4096, batch_size=8, seqlen=2048, interval=32, lr=2e-4, eval_seqlen=2048, eval_windows=0,
-                  score_source="base_second_moment"),
-}
-
-
-def method_config(cfg: train.ElsaConfig, method: str) -> train.ElsaConfig:
-  """The run config of an ADMM method: ELSA as given; SAFE = magnitude projection +
-  sharpness-aware x-update; SAFE+ = SAFE with the activation-weighted projection."""
-  if method == "safe":
-    return dataclasses.replace(cfg, projection="magnitude", sam_rho=cfg.sam_rho or SAFE_RHO)
-  if method == "safe+":
-    return dataclasses.replace(cfg, projection="objective_aware", score_source="activations",
-                               sam_rho=cfg.sam_rho or SAFE_RHO)
-  return cfg
+# The names of the methods and defaults, defined in elsa_jax.cli.config.
+DEFAULT_MODEL = config_lib.DEFAULT_MODEL
+DEFAULT_TEXT = config_lib.DEFAULT_TEXT
+ADMM_METHODS = config_lib.ADMM_METHODS
+METHODS = config_lib.METHODS
+INIT_METHODS = config_lib.INIT_METHODS
+SAFE_RHO = config_lib.SAFE_RHO
 
 
 def calibration_ids(tokens, *, windows: int, seqlen: int, seed: int) -> np.ndarray:
   """``[windows, seqlen]`` token ids for one-shot pruning, the same on every process."""
   sampler = data_lib.CalibrationWindows(tokens, seqlen=seqlen - 1, batch_size=windows, seed=seed + 7919)
   return sampler.batch(0)
-
-
-def resolve_preset(name: str) -> dict[str, Any]:
-  """'auto' picks 'cpu' when JAX runs on the CPU and 'full' on an accelerator."""
-  if name == "auto":
-    name = "cpu" if jax.default_backend() == "cpu" else "full"
-  if name not in PRESETS:
-    raise ValueError(f"unknown preset {name!r}; choose one of auto, {', '.join(PRESETS)}.")
-  return dict(PRESETS[name])
 
 
 @dataclasses.dataclass
@@ -221,153 +186,205 @@ def export(model: LoadedModel, params: Any, out: str | pathlib.Path, *, overwrit
   return out
 
 
-def prune(
-    *,
-    model: str = DEFAULT_MODEL,
-    calib: str = DEFAULT_TEXT,
-    eval_text: str = DEFAULT_TEXT,
-    output: str | pathlib.Path = "runs/elsa",
-    cfg: train.ElsaConfig,
-    method: str = "elsa",
-    mesh_shape: tuple[int, int] = (-1, 1),
-    eval_seqlen: int = 1024,
-    eval_windows: int = 0,
-    checkpoint_every: int = 0,
-    keep: int = 2,
-    overwrite: bool = False,
-    compare_magnitude: bool = True,
-    evaluate_dense: bool = True,
-    text_field: str = "text",
-    stop_after: int | None = None,
-    progress: bool = True,
-    init_method: str = "dense",
-    oneshot_windows: int = 128,
-    oneshot_seqlen: int | None = None,
-    damp: float = 0.01,
-    remat: bool | str = False,
-    scan_layers: bool = False,
-) -> dict[str, Any]:
-  """Prunes ``model`` to ``cfg.sparsity`` and writes the pruned HF model to ``output/model``.
+class _Inputs(NamedTuple):
+  """What :func:`prune` reads before any work: the model, its text, and the one-shot calibration windows."""
 
-  ``method`` is one of :data:`METHODS`. ELSA, SAFE and SAFE+ train from the
-  dense model or from a one-shot result (``init_method``); Wanda and
-  SparseGPT (and SAFE+'s activation norms) read ``oneshot_windows`` windows
-  of ``oneshot_seqlen`` tokens (default ``cfg.seqlen``) of the calibration text.
+  loaded: LoadedModel
+  windows: data_lib.CalibrationWindows
+  eval_ids: np.ndarray
+  oneshot_ids: np.ndarray | None
 
-  The run directory ``output`` holds ``checkpoints/`` (resumed automatically
-  when the same command runs again), ``metrics.jsonl``, ``summary.json`` and
-  the exported ``model/``.
+
+def _check_run(run: config_lib.RunConfig) -> jax.sharding.Mesh:
+  """The checks that need the disk or the devices, before any weight is read; returns the mesh.
+
+  The values themselves were checked when ``run`` was built.
   """
-  t0 = time.perf_counter()
-  out = pathlib.Path(output)
-  model_dir = out / "model"
-  check_output_dir(model_dir, overwrite)
-  mesh = sharding_lib.make_mesh(*mesh_shape)
+  check_output_dir(pathlib.Path(run.output.dir) / "model", run.output.overwrite)
+  mesh = sharding_lib.make_mesh(*run.model.mesh)
+  cfg = run.method.hyperparameters
   sharding_lib.fits_mesh(cfg.batch_size, mesh)
-  if method not in METHODS:
-    raise ValueError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}.")
-  if init_method not in INIT_METHODS:
-    raise ValueError(f"unknown --init-method {init_method!r}; choose one of {', '.join(INIT_METHODS)}.")
-  if oneshot_windows < 1:
-    raise ValueError(f"--calib-windows must be positive, got {oneshot_windows}.")
-  cfg = method_config(cfg, method) if method in ADMM_METHODS else cfg
-  oneshot_seqlen = oneshot_seqlen or cfg.seqlen
+  if run.method.trained:
+    check_memory(run.model.path, cfg, mesh, remat=run.model.remat, scan_layers=run.model.scan_layers)
+  return mesh
 
-  models.remat_policy(remat)  # an unknown policy fails before any work
-  if method in ADMM_METHODS:
-    check_memory(model, cfg, mesh, remat=remat, scan_layers=scan_layers)
-  loaded = load_model(model, remat=remat, scan_layers=scan_layers, mesh=mesh)
-  calib_docs = data_lib.load_documents(calib, split="calibration", text_field=text_field)
+
+def _needs_calibration(method: config_lib.MethodSpec) -> bool:
+  """Whether a method reads one-shot calibration windows (Wanda, SparseGPT, SAFE+'s activation norms)."""
+  return (oneshot_registry.needs_calibration(method.name) or oneshot_registry.needs_calibration(method.init)
+          or method.hyperparameters.score_source == "activations")
+
+
+def _load_inputs(run: config_lib.RunConfig, mesh: jax.sharding.Mesh) -> _Inputs:
+  """Loads the model and tokenises the text; refuses an evaluation text shorter than one window."""
+  cfg, data, eval_seqlen = run.method.hyperparameters, run.data, run.evaluation.seqlen
+  loaded = load_model(run.model.path, remat=run.model.remat, scan_layers=run.model.scan_layers, mesh=mesh)
+  calib_docs = data_lib.load_documents(data.calib, split="calibration", text_field=data.text_field)
   calib_tokens = data_lib.tokenize_documents(loaded.tokenizer, calib_docs)
   windows = data_lib.CalibrationWindows(
       calib_tokens, seqlen=cfg.seqlen, batch_size=cfg.batch_size * cfg.grad_accum, seed=cfg.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
   )
-  eval_docs = data_lib.load_documents(eval_text, split="evaluation", text_field=text_field)
+  eval_docs = data_lib.load_documents(data.eval_text, split="evaluation", text_field=data.text_field)
   eval_ids = evaluate_lib.eval_tokens(loaded.tokenizer, eval_docs)
   if len(eval_ids) < eval_seqlen:
     raise ValueError(
         f"the evaluation text has {len(eval_ids)} tokens, fewer than one window of {eval_seqlen}; "
         f"give more text or a smaller --eval-seqlen."
     )
-
   oneshot_ids = None
-  if (oneshot_registry.needs_calibration(method) or oneshot_registry.needs_calibration(init_method)
-      or cfg.score_source == "activations"):
-    oneshot_ids = calibration_ids(calib_tokens, windows=oneshot_windows, seqlen=oneshot_seqlen, seed=cfg.seed)
+  if _needs_calibration(run.method):
+    oneshot_ids = calibration_ids(calib_tokens, windows=data.calib_windows, seqlen=run.calib_seqlen, seed=cfg.seed)
+  return _Inputs(loaded, windows, eval_ids, oneshot_ids)
 
-  checkpointer = None
-  if method in ADMM_METHODS:
-    run_config = {"model": model, "calib": calib, "method": method, "init_method": init_method,
-                  "oneshot_windows": oneshot_windows, "oneshot_seqlen": oneshot_seqlen, "damp": damp,
-                  **dataclasses.asdict(cfg)}
-    checkpointer = checkpoint_lib.RunCheckpointer(
-        out / "checkpoints", config=run_config, save_every=checkpoint_every, keep=keep,
-    )
 
-  summary: dict[str, Any] = {"model": model, "method": method, "config": dataclasses.asdict(cfg),
-                             "eval_seqlen": eval_seqlen}
-  if method in ADMM_METHODS:
-    summary["init_method"] = init_method
-  if oneshot_ids is not None:
-    summary["oneshot_calibration"] = {"windows": oneshot_windows, "seqlen": oneshot_seqlen, "damp": damp}
-  ppl = lambda p: perplexity_of(loaded, p, eval_ids, seqlen=eval_seqlen, max_windows=eval_windows)
-  if evaluate_dense:
-    summary["dense_ppl"] = ppl(loaded.params)
+def _open_checkpointer(run: config_lib.RunConfig) -> checkpoint_lib.RunCheckpointer | None:
+  """The run's checkpoints (an ADMM method's; a one-shot run has nothing to resume)."""
+  if not run.method.trained:
+    return None
+  return checkpoint_lib.RunCheckpointer(
+      pathlib.Path(run.output.dir) / "checkpoints", config=run.checkpoint_config(),
+      save_every=run.output.checkpoint_every, keep=run.output.keep,
+  )
+
+
+def _start_summary(run: config_lib.RunConfig, inputs: _Inputs) -> dict[str, Any]:
+  summary: dict[str, Any] = {"model": run.model.path, "method": run.method.name,
+                             "config": dataclasses.asdict(run.method.hyperparameters),
+                             "eval_seqlen": run.evaluation.seqlen}
+  if run.method.trained:
+    summary["init_method"] = run.method.init
+  if inputs.oneshot_ids is not None:
+    summary["oneshot_calibration"] = {"windows": run.data.calib_windows, "seqlen": run.calib_seqlen,
+                                      "damp": run.method.damp}
+  return summary
+
+
+def _perplexity(run: config_lib.RunConfig, inputs: _Inputs, params: Any) -> float:
+  return perplexity_of(inputs.loaded, params, inputs.eval_ids, seqlen=run.evaluation.seqlen,
+                       max_windows=run.evaluation.windows)
+
+
+def _sparsity_target(cfg: train.ElsaConfig) -> tuple[float, tuple[int, int] | None]:
+  """``(sparsity, (n, m) or None)`` of a config's pattern."""
+  return train.pattern_sparsity(cfg), patterns.parse(cfg.pattern).n_m
+
+
+def _evaluate_baselines(run: config_lib.RunConfig, inputs: _Inputs, summary: dict[str, Any]) -> None:
+  """The dense and the magnitude-pruned model's perplexity, where asked, printed as they come."""
+  cfg, loaded = run.method.hyperparameters, inputs.loaded
+  if run.evaluation.dense:
+    summary["dense_ppl"] = _perplexity(run, inputs, loaded.params)
     print(f"dense perplexity: {summary['dense_ppl']:.3f}", flush=True)
-  sparsity = train.pattern_sparsity(cfg)
-  nm = patterns.parse(cfg.pattern).n_m
-  if compare_magnitude and method != "magnitude":
+  sparsity, _ = _sparsity_target(cfg)
+  if run.evaluation.compare_magnitude and run.method.name != "magnitude":
     mag = finalize_lib.finalize(loaded.params, sparsity=sparsity, pattern=cfg.pattern, projection="magnitude")
-    summary["magnitude_ppl"] = ppl(mag)
+    summary["magnitude_ppl"] = _perplexity(run, inputs, mag)
     print(f"magnitude {cfg.pattern} {sparsity:.0%} perplexity: {summary['magnitude_ppl']:.3f}", flush=True)
     del mag
 
-  def oneshot(name):
-    t = time.perf_counter()
-    pruned = baselines.prune_oneshot(loaded.graphdef, loaded.params, oneshot_ids, method=name,
-                                     sparsity=sparsity, n_m=nm, damp=damp)
-    summary[f"{name}_seconds"] = time.perf_counter() - t
-    return pruned
 
-  if method in ADMM_METHODS:
-    fixed_score = None
-    if cfg.score_source == "activations":
-      fixed_score = train.activation_scores(
-          baselines.calibration_statistics(loaded.graphdef, loaded.params, oneshot_ids), loaded.graphdef)
-    start_params = loaded.params
-    if init_method != "dense":
-      start_params = oneshot(init_method)
-      if init_method != "magnitude" or not compare_magnitude:
-        summary[f"{init_method}_ppl"] = ppl(start_params)
-        print(f"{init_method} (the starting point) {cfg.pattern} {sparsity:.0%} perplexity: "
-              f"{summary[f'{init_method}_ppl']:.3f}", flush=True)
-    result = train.run(
-        loaded.graphdef, start_params, cfg, windows.batch, mesh=mesh,
-        logical_axes=models.logical_axes_of(loaded.graphdef, loaded.params),
-        checkpointer=checkpointer, metrics_path=out / "metrics.jsonl", progress=progress,
-        stop_after=stop_after, fixed_score=fixed_score,
-    )
-    del start_params
-    checkpointer.close()
-    if result.final_step < cfg.steps:  # interrupted on purpose (stop_after)
-      summary["stopped_at"] = result.final_step
-      return summary
-    pruned = finalize_lib.finalize(result.params, result.opt_state)  # the run's target, from its state
-    summary["train_tokens_per_second"] = result.tokens_per_second
-    if result.history:
-      summary["final_metrics"] = result.history[-1]
-  else:
-    pruned = oneshot(method)
-  summary[f"{method}_ppl"] = ppl(pruned)
-  print(f"{method} {cfg.pattern} {sparsity:.0%} perplexity: {summary[f'{method}_ppl']:.3f}", flush=True)
+def _oneshot(run: config_lib.RunConfig, inputs: _Inputs, name: str, summary: dict[str, Any]) -> Any:
+  """The one-shot method ``name`` applied to the dense model, timed into the summary."""
+  loaded = inputs.loaded
+  sparsity, nm = _sparsity_target(run.method.hyperparameters)
+  t = time.perf_counter()
+  pruned = baselines.prune_oneshot(loaded.graphdef, loaded.params, inputs.oneshot_ids, method=name,
+                                   sparsity=sparsity, n_m=nm, damp=run.method.damp)
+  summary[f"{name}_seconds"] = time.perf_counter() - t
+  return pruned
+
+
+def _train(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh,
+           checkpointer: checkpoint_lib.RunCheckpointer, summary: dict[str, Any], *,
+           stop_after: int | None, progress: bool) -> Any | None:
+  """Trains an ADMM method from its starting point and finalizes it; None when stopped early."""
+  cfg, loaded, init_method = run.method.hyperparameters, inputs.loaded, run.method.init
+  sparsity, _ = _sparsity_target(cfg)
+  fixed_score = None
+  if cfg.score_source == "activations":
+    fixed_score = train.activation_scores(
+        baselines.calibration_statistics(loaded.graphdef, loaded.params, inputs.oneshot_ids), loaded.graphdef)
+  start_params = loaded.params
+  if init_method != "dense":
+    start_params = _oneshot(run, inputs, init_method, summary)
+    if init_method != "magnitude" or not run.evaluation.compare_magnitude:
+      summary[f"{init_method}_ppl"] = _perplexity(run, inputs, start_params)
+      print(f"{init_method} (the starting point) {cfg.pattern} {sparsity:.0%} perplexity: "
+            f"{summary[f'{init_method}_ppl']:.3f}", flush=True)
+  result = train.run(
+      loaded.graphdef, start_params, cfg, inputs.windows.batch, mesh=mesh,
+      logical_axes=models.logical_axes_of(loaded.graphdef, loaded.params),
+      checkpointer=checkpointer, metrics_path=pathlib.Path(run.output.dir) / "metrics.jsonl", progress=progress,
+      stop_after=stop_after, fixed_score=fixed_score,
+  )
+  del start_params
+  checkpointer.close()
+  if result.final_step < cfg.steps:  # interrupted on purpose (stop_after)
+    summary["stopped_at"] = result.final_step
+    return None
+  pruned = finalize_lib.finalize(result.params, result.opt_state)  # the run's target, from its state
+  summary["train_tokens_per_second"] = result.tokens_per_second
+  if result.history:
+    summary["final_metrics"] = result.history[-1]
+  return pruned
+
+
+def _export_pruned(run: config_lib.RunConfig, inputs: _Inputs, pruned: Any, summary: dict[str, Any]) -> None:
+  """Evaluates the pruned model and writes it (process 0: every process holds it whole) to ``output/model``."""
+  cfg, name = run.method.hyperparameters, run.method.name
+  summary[f"{name}_ppl"] = _perplexity(run, inputs, pruned)
+  print(f"{name} {cfg.pattern} {train.pattern_sparsity(cfg):.0%} perplexity: {summary[f'{name}_ppl']:.3f}",
+        flush=True)
   summary["sparsity"] = finalize_lib.sparsity_report(jax.device_get(pruned))["overall"]
-  if jax.process_index() == 0:  # every process holds the whole pruned model; one writes it
-    export(loaded, pruned, model_dir, overwrite=overwrite, extra={"summary": summary})
+  if jax.process_index() == 0:
+    export(inputs.loaded, pruned, pathlib.Path(run.output.dir) / "model", overwrite=run.output.overwrite,
+           extra={"summary": summary})
+
+
+def _write_summary(run: config_lib.RunConfig, summary: dict[str, Any], t0: float) -> None:
+  out = pathlib.Path(run.output.dir)
   summary["wall_seconds"] = time.perf_counter() - t0
   if jax.process_index() == 0:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-  print(f"wrote the pruned model to {model_dir}", flush=True)
+  print(f"wrote the pruned model to {out / 'model'}", flush=True)
+
+
+def prune(run: config_lib.RunConfig, *, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+  """Prunes ``run.model`` with ``run.method`` and writes the pruned HF model to ``run.output.dir/model``.
+
+  ELSA, SAFE and SAFE+ train from the dense model or from a one-shot result
+  (``run.method.init``); Wanda and SparseGPT (and SAFE+'s activation norms)
+  read ``run.data.calib_windows`` windows of ``run.calib_seqlen`` tokens of
+  the calibration text. Every input is checked before any work.
+
+  The run directory ``run.output.dir`` holds ``checkpoints/`` (resumed
+  automatically when the same command runs again), ``metrics.jsonl``,
+  ``summary.json`` and the exported ``model/``.
+
+  Args:
+    run: the run's configuration (:mod:`elsa_jax.cli.config`).
+    stop_after: stop (after saving a checkpoint) once this many optimizer
+      steps have run; the summary then says ``stopped_at`` and nothing is exported.
+    progress: show a progress bar.
+
+  Returns:
+    The summary (also written to ``summary.json``): perplexities, sparsity, timings.
+  """
+  t0 = time.perf_counter()
+  mesh = _check_run(run)
+  inputs = _load_inputs(run, mesh)
+  checkpointer = _open_checkpointer(run)
+  summary = _start_summary(run, inputs)
+  _evaluate_baselines(run, inputs, summary)
+  if run.method.trained:
+    pruned = _train(run, inputs, mesh, checkpointer, summary, stop_after=stop_after, progress=progress)
+    if pruned is None:
+      return summary
+  else:
+    pruned = _oneshot(run, inputs, run.method.name, summary)
+  _export_pruned(run, inputs, pruned, summary)
+  _write_summary(run, summary, t0)
   return summary
 
 

@@ -91,7 +91,7 @@ def predict_memory(
   s_shard = sharding_lib.opt_state_shardings(tx, params, p_shard, mesh)
   state = jax.eval_shape(tx.init, params)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, s_shard)
-  data_shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.DATA))
+  data_shard = sharding_lib.batch_sharding(mesh)
   batch = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.seqlen + 1), jnp.int32, sharding=data_shard)
   n_params = sum(int(p.size) for p in jax.tree.leaves(params))
   state_bytes = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state))

@@ -142,8 +142,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of a ``[batch, ...]`` array: batch over ``data``."""
-  return NamedSharding(mesh, P(DATA))
+  """Sharding of a train step's batch ``[grad_accum, batch, seqlen + 1]``: the batch over ``data``.
+
+  The micro-batches (the leading axis, scanned over inside the step) and the
+  tokens stay whole on every device.
+  """
+  return NamedSharding(mesh, P(None, DATA))
 
 
 def opt_state_shardings(

@@ -23,7 +23,7 @@ import math
 import pathlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -264,6 +264,230 @@ def _to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def _place_state(tx: optax.GradientTransformation, params: Any, logical_axes: Any, mesh: jax.sharding.Mesh,
+                 rules: dict[str, str | None]) -> tuple[Any, Any, tuple[Any, Any]]:
+  """``(params, opt_state, (param shardings, state shardings))``: the params on the mesh, the state initialised there."""
+  p_shard = sharding_lib.param_shardings(logical_axes, params, mesh, rules)
+  params = jax.device_put(params, p_shard)
+  s_shard = sharding_lib.opt_state_shardings(tx, params, p_shard, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
+  return params, opt_state, (p_shard, s_shard)
+
+
+class StepPrograms(NamedTuple):
+  """The compiled programs of a run (see :func:`compile_programs`)."""
+
+  steps: dict[bool, Any]  # z_update -> the compiled train step
+  zu: Any | None  # the separate z/u program (:func:`make_zu_step`), or None
+  interval: int
+
+
+def compile_programs(
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    cfg: ElsaConfig,
+    params: Any,
+    opt_state: Any,
+    shardings: tuple[Any, Any],
+    mesh: jax.sharding.Mesh,
+    *,
+    steps: range,
+    separate_z_update: bool = True,
+) -> StepPrograms:
+  """Compiles, before any step runs, the programs that ``steps`` need.
+
+  The steps with and without the z/u update (or the step without it and the
+  separate z/u program) are picked on the host by :func:`run_step` (a
+  ``lax.cond`` on the device would copy z and u through it at every step).
+  Params and state are donated; the batch is ``[grad_accum, batch_size, seqlen + 1]``
+  in :func:`elsa_jax.run.sharding.batch_sharding`.
+  """
+  p_shard, s_shard = shardings
+  data_shard = sharding_lib.batch_sharding(mesh)
+  batch_spec = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.seqlen + 1), jnp.int32,
+                                    sharding=data_shard)
+  dues = sorted({s % cfg.interval == 0 for s in steps})
+  step_fns = {}
+  for due in sorted({due and not separate_z_update for due in dues}):
+    step_fns[due] = jax.jit(
+        make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype), sam_rho=cfg.sam_rho,
+                        z_update=due),
+        in_shardings=(p_shard, s_shard, data_shard),
+        out_shardings=(p_shard, s_shard, sharding_lib.replicated(mesh)),
+        donate_argnums=(0, 1),
+    ).lower(params, opt_state, batch_spec).compile()
+  zu_fn = None
+  if separate_z_update and True in dues:
+    zu_fn = jax.jit(
+        make_zu_step(tx),
+        in_shardings=(p_shard, s_shard),
+        out_shardings=(s_shard, sharding_lib.replicated(mesh)),
+        donate_argnums=(1,),
+    ).lower(params, opt_state).compile()
+  return StepPrograms(step_fns, zu_fn, cfg.interval)
+
+
+def run_step(programs: StepPrograms, step: int, params: Any, opt_state: Any,
+             batch: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
+  """Optimizer step ``step`` (0-based): the train step, then the z/u program where it is due."""
+  due = step % programs.interval == 0
+  params, opt_state, metrics = programs.steps[due and programs.zu is None](params, opt_state, batch)
+  if due and programs.zu is not None:
+    opt_state, zu_metrics = programs.zu(params, opt_state)
+    metrics = {**metrics, **zu_metrics}
+  return params, opt_state, metrics
+
+
+def place_batch(rows: np.ndarray, cfg: ElsaConfig, sharding: jax.sharding.NamedSharding) -> jax.Array:
+  """One step's batch on the mesh, ``[grad_accum, batch_size, seqlen + 1]``.
+
+  Args:
+    rows: this process's rows of the global batch, ``[rows, seqlen + 1]``
+      (all of them in a single-process run).
+    cfg: the run's hyperparameters (``grad_accum``, ``batch_size``).
+    sharding: :func:`elsa_jax.run.sharding.batch_sharding` of the mesh.
+  """
+  batch = np.asarray(rows, np.int32)
+  batch = batch.reshape(cfg.grad_accum, -1, batch.shape[-1])
+  if jax.process_count() > 1:
+    global_shape = (cfg.grad_accum, cfg.batch_size, batch.shape[-1])
+    return jax.make_array_from_process_local_data(sharding, batch, global_shape)
+  return jax.device_put(batch, sharding)
+
+
+class MetricsLogger:
+  """The host side of a run's metrics: history, JSONL file, progress bar and the finiteness check.
+
+  Metrics stay device arrays until :meth:`flush`, which the loop calls one
+  step later, so the device never waits for the host. Only process 0 writes
+  the file and shows the bar.
+
+  Args:
+    cfg: the run's hyperparameters.
+    metrics_path: JSONL file that receives one line per logged step (appended), or None.
+    progress: show a progress bar.
+    start: the step the run starts (or resumes) from.
+  """
+
+  def __init__(self, cfg: ElsaConfig, metrics_path: str | pathlib.Path | None, *, progress: bool, start: int):
+    self.cfg = cfg
+    self.history: list[dict[str, float]] = []
+    self._lr_at = optax.linear_schedule(cfg.lr, 0.0, cfg.steps)
+    self._pending: tuple[int, dict[str, jax.Array], float] | None = None
+    self._t_first: float | None = None
+    self._steps_timed = 0
+    is_main = jax.process_index() == 0
+    self._file = None
+    if metrics_path is not None and is_main:
+      metrics_path = pathlib.Path(metrics_path)
+      metrics_path.parent.mkdir(parents=True, exist_ok=True)
+      self._file = open(metrics_path, "a")
+    self._bar = None
+    if progress and is_main:
+      from tqdm.auto import tqdm
+
+      self._bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
+
+  def clock(self, metrics: dict[str, jax.Array], *, first: bool) -> None:
+    """Times the run from the end of its first step (which includes warm-up) on."""
+    if first:
+      jax.block_until_ready(metrics)
+      self._t_first = time.perf_counter()
+    else:
+      self._steps_timed += 1
+
+  @property
+  def tokens_per_second(self) -> float:
+    elapsed = time.perf_counter() - self._t_first if self._t_first else 0.0
+    return self._steps_timed * self.cfg.tokens_per_step / elapsed if elapsed > 0 and self._steps_timed else 0.0
+
+  def defer(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    """Keeps the metrics reached after ``step`` steps for the next :meth:`flush`."""
+    self._pending = (step, metrics, time.perf_counter())
+
+  def flush(self) -> None:
+    """Reads the deferred metrics (if any) to the host, checks them, and logs them.
+
+    Raises:
+      FloatingPointError: when the loss or the gradient norm is not finite.
+    """
+    if self._pending is None:
+      return
+    (step, metrics, t_done), self._pending = self._pending, None
+    host = _to_host(metrics)
+    if not all(math.isfinite(host[k]) for k in ("loss", "grad_norm")):
+      raise FloatingPointError(
+          f"the loss became {host['loss']} at step {step}; nothing was saved from this step. "
+          f"Lower --lr (now {self.cfg.lr}) or --lmda, or use float32 compute (--compute-dtype float32)."
+      )
+    host["step"] = step
+    host["lr"] = float(self._lr_at(step - 1))
+    host["time"] = t_done
+    self.history.append(host)
+    if self._file is not None:
+      self._file.write(json.dumps(host) + "\n")
+      self._file.flush()
+    if self._bar is not None:
+      self._bar.set_postfix(
+          loss=f"{host['loss']:.3f}",
+          lmda=f"{host.get('lmda', self.cfg.lmda):.3g}",
+          gap=f"{host.get('rel_gap', float('nan')):.3f}",
+          flips=f"{host.get('mask_flip_fraction', float('nan')):.3f}",
+          z_sparsity=f"{host.get('z_sparsity', float('nan')):.3f}",
+          tok_s=f"{self.tokens_per_second:.0f}",
+          refresh=False,
+      )
+
+  def advance(self) -> None:
+    """One more step on the progress bar."""
+    if self._bar is not None:
+      self._bar.update(1)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._file is not None:
+      self._file.close()
+
+
+def saves_at(checkpointer: checkpoint_lib.RunCheckpointer | None, done: int, total: int, end: int) -> bool:
+  """Whether to checkpoint after ``done`` of ``total`` steps: at the checkpointer's
+  cadence, and always at ``end``, where this call stops."""
+  return checkpointer is not None and (checkpointer.should_save(done, total) or done == end)
+
+
+def gather_to_hosts(tree: Any) -> Any:
+  """``tree`` as host copies that every process holds whole (the tree itself in a single-process run)."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _train_loop(programs: StepPrograms, params: Any, opt_state: Any, batches: Callable[[int], np.ndarray], *,
+                steps: range, cfg: ElsaConfig, mesh: jax.sharding.Mesh, metrics_log: MetricsLogger,
+                checkpointer: checkpoint_lib.RunCheckpointer | None, log_every: int) -> tuple[Any, Any]:
+  """Runs ``steps``; metrics are read one step behind, and always before a checkpoint is saved."""
+  data_shard = sharding_lib.batch_sharding(mesh)
+  for step in steps:
+    batch = place_batch(batches(step), cfg, data_shard)
+    params, opt_state, metrics = run_step(programs, step, params, opt_state, batch)
+    metrics_log.clock(metrics, first=step == steps.start)
+    done = step + 1
+    metrics_log.flush()
+    saving = saves_at(checkpointer, done, cfg.steps, steps.stop)
+    if done % log_every == 0 or done == steps.stop or saving:
+      metrics_log.defer(done, metrics)
+    metrics_log.advance()
+    if saving:
+      metrics_log.flush()  # never checkpoint a state whose loss is not finite
+      checkpointer.save(done, params, opt_state)
+  metrics_log.flush()
+  jax.block_until_ready(params)
+  return params, opt_state
+
+
 def run(
     graphdef: Any,
     params: Any,
@@ -284,13 +508,13 @@ def run(
   """Runs (or resumes) ELSA for ``cfg.steps`` optimizer steps.
 
   Args:
-    graphdef: the model's NNX graph definition (from :func:`elsa_jax.models.llama.split`).
+    graphdef: the model's NNX graph definition (from :func:`elsa_jax.models.split`).
     params: fp32 master parameters (a pure dict).
     cfg: the run's hyperparameters.
     batches: ``batches(step) -> int array [batch_size * grad_accum, seqlen + 1]``,
       a pure function of the step (so a resumed run sees the same data).
     mesh: the device mesh (see :func:`elsa_jax.run.sharding.make_mesh`).
-    logical_axes: the params' logical axis names (:func:`elsa_jax.models.llama.logical_axes`).
+    logical_axes: the params' logical axis names (:func:`elsa_jax.models.logical_axes_of`).
     rules: logical axis -> mesh axis rules; defaults to
       :data:`elsa_jax.run.sharding.DEFAULT_RULES`.
     checkpointer: saves every N steps and restores the latest checkpoint first.
@@ -313,137 +537,23 @@ def run(
   rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
   sharding_lib.fits_mesh(cfg.batch_size, mesh)
   tx = make_optimizer(cfg, fixed_score)
-  p_shard = sharding_lib.param_shardings(logical_axes, params, mesh, rules)
-  params = jax.device_put(params, p_shard)
-  s_shard = sharding_lib.opt_state_shardings(tx, params, p_shard, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=s_shard)(params)
-
+  params, opt_state, shardings = _place_state(tx, params, logical_axes, mesh, rules)
   start = 0
   if checkpointer is not None:
     start, params, opt_state = checkpointer.restore_or(params, opt_state)
     if start:
       logger.info("resuming from step %d", start)
-
-  compute_dtype = jnp.dtype(cfg.compute_dtype)
-  data_shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.DATA))
   end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-  # The steps with and without the z/u update (or the step without it and the
-  # separate z/u program), picked on the host (a lax.cond on the device would
-  # copy z and u through it at every step), all compiled before the timed loop.
-  batch_spec = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.seqlen + 1), jnp.int32,
-                                    sharding=data_shard)
-  dues = sorted({s % cfg.interval == 0 for s in range(start, end)})
-  step_fns = {}
-  for due in sorted({due and not separate_z_update for due in dues}):
-    step_fns[due] = jax.jit(
-        make_train_step(graphdef, tx, compute_dtype=compute_dtype, sam_rho=cfg.sam_rho, z_update=due),
-        in_shardings=(p_shard, s_shard, data_shard),
-        out_shardings=(p_shard, s_shard, sharding_lib.replicated(mesh)),
-        donate_argnums=(0, 1),
-    ).lower(params, opt_state, batch_spec).compile()
-  zu_fn = None
-  if separate_z_update and True in dues:
-    zu_fn = jax.jit(
-        make_zu_step(tx),
-        in_shardings=(p_shard, s_shard),
-        out_shardings=(s_shard, sharding_lib.replicated(mesh)),
-        donate_argnums=(1,),
-    ).lower(params, opt_state).compile()
-
-  is_main = jax.process_index() == 0
-  metrics_file = None
-  if metrics_path is not None and is_main:
-    metrics_path = pathlib.Path(metrics_path)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(metrics_path, "a")
-  bar = None
-  if progress and is_main:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
-
-  history: list[dict[str, float]] = []
-  pending: tuple[int, dict[str, jax.Array], float] | None = None
-  t_first = None
-  steps_timed = 0
-  lr_at = optax.linear_schedule(cfg.lr, 0.0, cfg.steps)
-
-  def flush(entry):
-    step, metrics, t_done = entry
-    host = _to_host(metrics)
-    if not all(math.isfinite(host[k]) for k in ("loss", "grad_norm")):
-      raise FloatingPointError(
-          f"the loss became {host['loss']} at step {step}; nothing was saved from this step. "
-          f"Lower --lr (now {cfg.lr}) or --lmda, or use float32 compute (--compute-dtype float32)."
-      )
-    host["step"] = step
-    host["lr"] = float(lr_at(step - 1))
-    host["time"] = t_done
-    history.append(host)
-    if metrics_file is not None:
-      metrics_file.write(json.dumps(host) + "\n")
-      metrics_file.flush()
-    if bar is not None:
-      elapsed = time.perf_counter() - t_first if t_first else 0.0
-      tps = steps_timed * cfg.tokens_per_step / elapsed if elapsed > 0 else 0.0
-      bar.set_postfix(
-          loss=f"{host['loss']:.3f}",
-          lmda=f"{host.get('lmda', cfg.lmda):.3g}",
-          gap=f"{host.get('rel_gap', float('nan')):.3f}",
-          flips=f"{host.get('mask_flip_fraction', float('nan')):.3f}",
-          z_sparsity=f"{host.get('z_sparsity', float('nan')):.3f}",
-          tok_s=f"{tps:.0f}",
-          refresh=False,
-      )
-
+  steps = range(start, end)
+  programs = compile_programs(graphdef, tx, cfg, params, opt_state, shardings, mesh, steps=steps,
+                              separate_z_update=separate_z_update)
+  metrics_log = MetricsLogger(cfg, metrics_path, progress=progress, start=start)
   try:
-    for step in range(start, end):
-      batch = np.asarray(batches(step), np.int32)  # this process's rows of the global batch
-      batch = batch.reshape(cfg.grad_accum, -1, batch.shape[-1])
-      if jax.process_count() > 1:
-        global_shape = (cfg.grad_accum, cfg.batch_size, batch.shape[-1])
-        batch = jax.make_array_from_process_local_data(data_shard, batch, global_shape)
-      else:
-        batch = jax.device_put(batch, data_shard)
-      due = step % cfg.interval == 0
-      params, opt_state, metrics = step_fns[due and zu_fn is None](params, opt_state, batch)
-      if due and zu_fn is not None:
-        opt_state, zu_metrics = zu_fn(params, opt_state)
-        metrics = {**metrics, **zu_metrics}
-      if step == start:
-        jax.block_until_ready(metrics)
-        t_first = time.perf_counter()
-      else:
-        steps_timed += 1
-      done = step + 1
-      if pending is not None:
-        flush(pending)
-        pending = None
-      saving = checkpointer is not None and (checkpointer.should_save(done, cfg.steps) or done == end)
-      if done % log_every == 0 or done == end or saving:
-        pending = (done, metrics, time.perf_counter())
-      if bar is not None:
-        bar.update(1)
-      if saving:
-        flush(pending)  # never checkpoint a state whose loss is not finite
-        pending = None
-        checkpointer.save(done, params, opt_state)
-    if pending is not None:
-      jax.block_until_ready(pending[1])
-      flush(pending)
-    jax.block_until_ready(params)
+    params, opt_state = _train_loop(programs, params, opt_state, batches, steps=steps, cfg=cfg, mesh=mesh,
+                                    metrics_log=metrics_log, checkpointer=checkpointer, log_every=log_every)
   finally:
-    if bar is not None:
-      bar.close()
-    if metrics_file is not None:
-      metrics_file.close()
+    metrics_log.close()
     if checkpointer is not None:
       checkpointer.wait()
-  if jax.process_count() > 1:  # hand back host copies that every process holds whole
-    from jax.experimental import multihost_utils
-
-    params = multihost_utils.process_allgather(params, tiled=True)
-    opt_state = multihost_utils.process_allgather(opt_state, tiled=True)
-  elapsed = time.perf_counter() - t_first if t_first else 0.0
-  tps = steps_timed * cfg.tokens_per_step / elapsed if elapsed > 0 and steps_timed else 0.0
-  return RunResult(params, opt_state, end, end - start, history, tps)
+  params, opt_state = gather_to_hosts(params), gather_to_hosts(opt_state)
+  return RunResult(params, opt_state, end, end - start, metrics_log.history, metrics_log.tokens_per_second)

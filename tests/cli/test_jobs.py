@@ -19,6 +19,7 @@ from flax import nnx
 
 import elsa_jax
 from elsa_jax.models import llama
+from elsa_jax.cli import config as config_lib
 from elsa_jax.cli import jobs as pipeline
 from elsa_jax.run import sharding as sharding_lib
 from elsa_jax.run import train
@@ -27,6 +28,20 @@ def _cfg(**kw):
   base = dict(sparsity=0.5, steps=6, batch_size=2, seqlen=32, interval=2, lr=1e-3, compute_dtype="float32")
   base.update(kw)
   return train.ElsaConfig(**base)
+
+
+def _run(tiny_run, out, cfg=None, **sections) -> config_lib.RunConfig:
+  """The tiny model and text on one device, ``cfg`` (default ``_cfg()``), eval windows of 32 tokens,
+  writing to ``out``; ``sections`` replace fields as :func:`elsa_jax.cli.config.override` does."""
+  _, model_dir, calib, evalt = tiny_run
+  base = config_lib.RunConfig(
+      model=config_lib.ModelSpec(path=str(model_dir), mesh=(1, 1)),
+      data=config_lib.DataSpec(calib=str(calib), eval_text=str(evalt)),
+      method=config_lib.MethodSpec(elsa=cfg or _cfg()),
+      evaluation=config_lib.EvalSpec(seqlen=32),
+      output=config_lib.OutputSpec(dir=out),
+  )
+  return config_lib.override(base, **sections)
 
 
 def _prunable(name: str) -> bool:
@@ -38,12 +53,10 @@ def test_prune_export_reload_with_transformers(tiny_run, pattern):
   import torch
   from transformers import LlamaForCausalLM
 
-  root, model_dir, calib, evalt = tiny_run
+  root = tiny_run[0]
   out = root / f"run-{pattern.replace(':', '')}"
-  summary = pipeline.prune(
-      model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(pattern=pattern),
-      eval_seqlen=32, compare_magnitude=False, progress=False, mesh_shape=(1, 1),
-  )
+  summary = pipeline.prune(_run(tiny_run, out, _cfg(pattern=pattern), evaluation={"compare_magnitude": False}),
+                           progress=False)
   assert np.isfinite(summary["elsa_ppl"]) and np.isfinite(summary["dense_ppl"])
   hf = LlamaForCausalLM.from_pretrained(out / "model", torch_dtype=torch.float32)
   n_pruned = 0
@@ -68,39 +81,34 @@ def test_prune_export_reload_with_transformers(tiny_run, pattern):
 
 
 def test_existing_output_is_never_overwritten(tiny_run):
-  root, model_dir, calib, evalt = tiny_run
+  root = tiny_run[0]
   out = root / "taken"
   (out / "model").mkdir(parents=True)
   (out / "model" / "keep.txt").write_text("user data")
   with pytest.raises(FileExistsError, match="--overwrite"):
-    pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(),
-                   eval_seqlen=32, progress=False, mesh_shape=(1, 1))
+    pipeline.prune(_run(tiny_run, out), progress=False)
   assert (out / "model" / "keep.txt").read_text() == "user data"
 
 
 def test_bad_inputs_fail_before_work(tiny_run, tmp_path):
-  root, model_dir, calib, evalt = tiny_run
   with pytest.raises(ValueError, match="sparsity"):
     _cfg(sparsity=1.0)
+  out = tmp_path / "o"
   with pytest.raises((FileNotFoundError, OSError), match="no-such"):
-    pipeline.prune(model=str(tmp_path / "no-such-model"), calib=str(calib), eval_text=str(evalt),
-                   output=tmp_path / "o", cfg=_cfg(), progress=False, mesh_shape=(1, 1))
+    pipeline.prune(_run(tiny_run, out, model={"path": str(tmp_path / "no-such-model")}), progress=False)
   with pytest.raises(ValueError, match="devices"):
-    pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=tmp_path / "o",
-                   cfg=_cfg(), mesh_shape=(3, 1), progress=False)
-  with pytest.raises(ValueError, match="--method"):
-    pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=tmp_path / "o",
-                   cfg=_cfg(), method="no-such-method", mesh_shape=(1, 1), progress=False)
+    pipeline.prune(_run(tiny_run, out, model={"mesh": (3, 1)}), progress=False)
+  with pytest.raises(ValueError, match="--method"):  # refused when the RunConfig is built
+    _run(tiny_run, out, method={"name": "no-such-method"})
   short = tmp_path / "short.txt"
   short.write_text("too short")
   with pytest.raises(ValueError, match="token"):
-    pipeline.prune(model=str(model_dir), calib=str(short), eval_text=str(evalt), output=tmp_path / "o",
-                   cfg=_cfg(), eval_seqlen=32, progress=False, mesh_shape=(1, 1))
+    pipeline.prune(_run(tiny_run, out, data={"calib": str(short)}), progress=False)
   assert not (tmp_path / "o" / "model").exists()
 
 
 def test_run_that_will_not_fit_is_refused_before_loading(tiny_run, tmp_path, monkeypatch):
-  root, model_dir, calib, evalt = tiny_run
+  model_dir = tiny_run[1]
   mesh = sharding_lib.make_mesh(1, 1)
   fits = pipeline.check_memory(str(model_dir), _cfg(), mesh, capacity_bytes=1 << 40)
   need = fits.total_bytes
@@ -109,19 +117,19 @@ def test_run_that_will_not_fit_is_refused_before_loading(tiny_run, tmp_path, mon
   monkeypatch.setattr(pipeline.memory_lib, "device_memory_bytes", lambda device=None: need // 2)
   monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
   with pytest.raises(MemoryError, match=r"needs .* GiB.*--remat.*float8"):
-    pipeline.prune(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=tmp_path / "o",
-                   cfg=_cfg(), eval_seqlen=32, progress=False, mesh_shape=(1, 1))
+    pipeline.prune(_run(tiny_run, tmp_path / "o"), progress=False)
   assert not (tmp_path / "o").exists()
 
 
 def test_checkpoint_from_another_config_is_refused(tiny_run):
-  root, model_dir, calib, evalt = tiny_run
+  root = tiny_run[0]
   out = root / "cfg-mismatch"
-  kw = dict(model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, eval_seqlen=32,
-            compare_magnitude=False, evaluate_dense=False, progress=False, checkpoint_every=2, mesh_shape=(1, 1))
-  pipeline.prune(cfg=_cfg(), stop_after=2, **kw)
+  run = _run(tiny_run, out, evaluation={"compare_magnitude": False, "dense": False},
+             output={"checkpoint_every": 2})
+  summary = pipeline.prune(run, stop_after=2, progress=False)
+  assert summary["stopped_at"] == 2 and not (out / "model").exists()
   with pytest.raises(ValueError, match="another configuration"):
-    pipeline.prune(cfg=_cfg(lmda=0.05), **kw)
+    pipeline.prune(config_lib.override(run, elsa={"lmda": 0.05}), progress=False)
 
 
 def _cli(model_dir, calib, evalt, out, extra_env=None):
@@ -201,11 +209,11 @@ def _hf_kernels(path):
 
 @pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4")])
 def test_oneshot_methods_from_the_cli_entry_point(tiny_run, method, pattern):
-  root, model_dir, calib, evalt = tiny_run
+  root = tiny_run[0]
   out = root / f"oneshot-{method}"
   summary = pipeline.prune(
-      model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(pattern=pattern),
-      method=method, eval_seqlen=32, oneshot_windows=16, progress=False, mesh_shape=(1, 1),
+      _run(tiny_run, out, _cfg(pattern=pattern), method={"name": method}, data={"calib_windows": 16}),
+      progress=False,
   )
   assert np.isfinite(summary[f"{method}_ppl"]) and summary["oneshot_calibration"]["windows"] == 16
   assert not (out / "checkpoints").exists()  # nothing to resume in a one-shot run
@@ -219,13 +227,17 @@ def test_oneshot_methods_from_the_cli_entry_point(tiny_run, method, pattern):
 
 
 def test_safe_plus_from_wanda_trains_and_export_run_reproduces_it(tiny_run):
-  root, model_dir, calib, evalt = tiny_run
+  root = tiny_run[0]
   out = root / "safe-plus"
   summary = pipeline.prune(
-      model=str(model_dir), calib=str(calib), eval_text=str(evalt), output=out, cfg=_cfg(sparsity=0.6),
-      method="safe+", init_method="wanda", eval_seqlen=32, oneshot_windows=8, progress=False,
-      mesh_shape=(1, 1), compare_magnitude=False, evaluate_dense=False,
+      _run(tiny_run, out, _cfg(sparsity=0.6), method={"name": "safe+", "init": "wanda"},
+           data={"calib_windows": 8}, evaluation={"compare_magnitude": False, "dense": False}),
+      progress=False,
   )
+  assert list(summary) == ["model", "method", "config", "eval_seqlen", "init_method", "oneshot_calibration",
+                           "wanda_seconds", "wanda_ppl", "train_tokens_per_second", "final_metrics", "safe+_ppl",
+                           "sparsity", "wall_seconds"]
+  assert summary["oneshot_calibration"] == {"windows": 8, "seqlen": 32, "damp": 0.01}
   assert summary["config"]["sam_rho"] == pipeline.SAFE_RHO
   assert summary["config"]["score_source"] == "activations"
   assert np.isfinite(summary["wanda_ppl"]) and np.isfinite(summary["safe+_ppl"])
