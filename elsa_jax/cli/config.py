@@ -36,7 +36,7 @@ from typing import Any
 import jax
 
 from elsa_jax import models
-from elsa_jax.oneshot import walk as baselines
+from elsa_jax.oneshot import registry as oneshot_registry
 from elsa_jax.run import train
 
 DEFAULT_MODEL = "default"
@@ -44,9 +44,9 @@ DEFAULT_TEXT = "default"
 #: Pruning methods: the ADMM family (trained on the model's loss) and the
 #: one-shot baselines (:mod:`elsa_jax.oneshot.walk`).
 ADMM_METHODS = ("elsa", "safe", "safe+")
-METHODS = ADMM_METHODS + baselines.ONESHOT_METHODS
+METHODS = ADMM_METHODS + oneshot_registry.ONESHOT_METHODS
 #: Starting points of an ADMM method: the dense model or a one-shot baseline.
-INIT_METHODS = ("dense",) + baselines.ONESHOT_METHODS
+INIT_METHODS = ("dense",) + oneshot_registry.ONESHOT_METHODS
 #: SAFE's SAM radius when ``--sam-rho`` is not given.
 SAFE_RHO = 0.05
 
