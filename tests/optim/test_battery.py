@@ -280,7 +280,8 @@ def test_inject_hyperparams_follows_the_constant(name, rng):
   assert float(s_first.hyperparams[case.hyperparam]) == pytest.approx(first)
   p_const, s_const = run(transform(name), params, grads, update=jitted_update(name))
   chex.assert_trees_all_close(p_first, p_const, **case.tolerance)
-  chex.assert_trees_all_close(s_first.inner_state, s_const, **case.tolerance)
+  # Leaves only: the admm state's static config records injected values as None (read from the hyperparams).
+  chex.assert_trees_all_close(jax.tree.leaves(s_first.inner_state), jax.tree.leaves(s_const), **case.tolerance)
 
   state = tx.init(params)
   state.hyperparams[case.hyperparam] = jnp.asarray(second, jnp.float32)
