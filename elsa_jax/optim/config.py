@@ -125,7 +125,9 @@ class AdmmConfig:
     values = {}
     for name in _NUMERIC:
       value = getattr(self, name)
-      if name == "sparsity" and value is not None and not isinstance(value, _Entries):
+      if value is None or isinstance(value, _Entries):  # unset (N:M), or already frozen
+        pass
+      elif name == "sparsity":
         entries = prunable_lib.frozen_entries(value)
         value = None if entries is None else _Entries(entries)
       elif prunable_lib.is_python_scalar(value):

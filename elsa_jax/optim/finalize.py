@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from elsa_jax.lowp import adam as adam_lowp_lib
-from elsa_jax.lowp import codecs
 from elsa_jax.optim import config as config_lib
 from elsa_jax.optim import scores as scores_lib
 from elsa_jax.optim import steps
@@ -103,13 +102,8 @@ def _run_target(params, admm_state, opt_state, sparsity, pattern, n_m, axis, pro
     if not all(jax.tree.leaves(same)):
       raise ValueError(f"finalize(score=...) differs from the run's fixed score; {FINALIZE_HELP}.")
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  if isinstance(cfg.score, scores_lib.GradEma):
-    v = jax.tree.map(lambda q, s: None if codecs.is_empty(q) else codecs.decode_moment(q, s),
-                     admm_state.score, admm_state.score_scale)
-    v = treedef.flatten_up_to(v)
-  else:
-    v = cfg.score.weights(admm_state.score, admm_state.score_scale, admm_state.base_state, flat, treedef)
-  return cfg.pattern, cfg.axis, cfg.is_prunable, cfg.sparsity_at, v
+  v = cfg.score.weights(admm_state.score, admm_state.score_scale, admm_state.base_state, flat, treedef)
+  return cfg.pattern, cfg.axis, cfg.is_prunable, cfg.sparsity_at, v, cfg.score.decode
 
 
 def _given_target(params, opt_state, sparsity, pattern, n_m, axis, projection, prunable, score):
@@ -141,7 +135,7 @@ def _given_target(params, opt_state, sparsity, pattern, n_m, axis, projection, p
     prunable_lib.check_matrix(path, leaf)
     return True
 
-  return pattern, 0 if axis is None else axis, is_prunable, at, v
+  return pattern, 0 if axis is None else axis, is_prunable, at, v, lambda raw: raw
 
 
 def finalize(params: Any, opt_state: Any = None, *, sparsity=None, pattern=None, n_m=None, axis=None,
@@ -187,9 +181,9 @@ def finalize(params: Any, opt_state: Any = None, *, sparsity=None, pattern=None,
   admm_state = transform.find_admm_state(opt_state) if opt_state is not None else None
   args = (sparsity, pattern, n_m, axis, projection, prunable, score)
   if admm_state is not None:
-    pattern, axis, is_prunable, at, v = _run_target(params, admm_state, opt_state, *args)
+    pattern, axis, is_prunable, at, v, decode = _run_target(params, admm_state, opt_state, *args)
   else:
-    pattern, axis, is_prunable, at, v = _given_target(params, opt_state, *args)
+    pattern, axis, is_prunable, at, v, decode = _given_target(params, opt_state, *args)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   kept = [i for i, (path, w) in enumerate(flat) if is_prunable(path, w)]
   for i in kept:
@@ -202,7 +196,7 @@ def finalize(params: Any, opt_state: Any = None, *, sparsity=None, pattern=None,
   for i in kept:
     s = at(flat[i][0])
     sparsities.append(float(np.asarray(s)) if prunable_lib.is_concrete(s) else s)
-  pruned = steps.project([flat[i][1] for i in kept], [v[i] for i in kept], sparsities, pattern, axis)
+  pruned = steps.project([flat[i][1] for i in kept], [decode(v[i]) for i in kept], sparsities, pattern, axis)
   out = [w for _, w in flat]
   for i, w in zip(kept, pruned):
     out[i] = w

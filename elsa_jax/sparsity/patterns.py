@@ -40,34 +40,32 @@ import dataclasses
 from typing import ClassVar, Union
 
 
+class _Counted:
+  """A pattern whose count of kept entries is given as a sparsity (one count per matrix or per slice)."""
+
+  kind: ClassVar[str]
+  n_m: ClassVar[None] = None
+  sparsity: ClassVar[None] = None  # given separately
+
+  def __str__(self) -> str:
+    return self.kind
+
+  def check_shape(self, shape: tuple[int, ...], axis: int = 0) -> None:
+    del shape, axis  # every shape has a count
+
+
 @dataclasses.dataclass(frozen=True)
-class Unstructured:
+class Unstructured(_Counted):
   """One count per matrix: the top entries of the whole matrix are kept."""
 
   kind: ClassVar[str] = "unstructured"
-  n_m: ClassVar[None] = None
-  sparsity: ClassVar[None] = None  # given separately
-
-  def __str__(self) -> str:
-    return "unstructured"
-
-  def check_shape(self, shape: tuple[int, ...], axis: int = 0) -> None:
-    del shape, axis
 
 
 @dataclasses.dataclass(frozen=True)
-class PerRow:
+class PerRow(_Counted):
   """One count per slice along ``axis``: the top entries of each output unit are kept."""
 
   kind: ClassVar[str] = "row"
-  n_m: ClassVar[None] = None
-  sparsity: ClassVar[None] = None  # given separately
-
-  def __str__(self) -> str:
-    return "row"
-
-  def check_shape(self, shape: tuple[int, ...], axis: int = 0) -> None:
-    del shape, axis
 
 
 @dataclasses.dataclass(frozen=True)
