@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import optax
 
@@ -72,6 +73,17 @@ def _check_moment_dtype(moment_dtype: str) -> str:
   return moment_dtype
 
 
+def _check_block_size(block_size: int | None) -> int:
+  if block_size is None:
+    return quant.DEFAULT_BLOCK_SIZE
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    raise TypeError(
+        f"block_size must be a positive Python int (a shape, not a hyperparameter), got {block_size!r}; "
+        "with optax.inject_hyperparams pass static_args=('block_size',) to set it"
+    )
+  return int(block_size)
+
+
 def second_moment(
     state: ScaleByAdamLowpState, block_size: int = quant.DEFAULT_BLOCK_SIZE
 ) -> optax.Updates:
@@ -88,7 +100,7 @@ def scale_by_adam_lowp(
     eps_root: jax.typing.ArrayLike = 0.0,
     *,
     moment_dtype: str = "int8",
-    block_size: int = quant.DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
   """Rescales updates by Adam with moments stored in reduced precision.
 
@@ -111,12 +123,16 @@ def scale_by_adam_lowp(
     eps: added to the denominator outside the square root.
     eps_root: added to the second moment inside the square root.
     moment_dtype: ``"float32"``, ``"bfloat16"`` or ``"int8"`` (block-wise).
-    block_size: entries per block of the flattened array for ``"int8"``.
+    block_size: entries per block of the flattened array for ``"int8"``; None
+      means ``lowp.codecs.DEFAULT_BLOCK_SIZE`` (256). A shape, not a
+      hyperparameter: the None default keeps ``optax.inject_hyperparams`` from
+      turning it into an array.
 
   Returns:
     A :class:`optax.GradientTransformation`.
   """
   moment_dtype = _check_moment_dtype(moment_dtype)
+  block_size = _check_block_size(block_size)
 
   def init_fn(params):
     mu, mu_scale = unzip(
@@ -182,7 +198,7 @@ def adam_lowp(
     eps_root: jax.typing.ArrayLike = 0.0,
     *,
     moment_dtype: str = "int8",
-    block_size: int = quant.DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam with moments in bfloat16 or block-wise 8-bit (ELSA-L's base optimizer).
 
@@ -202,7 +218,8 @@ def adam_lowp(
     eps: added to the denominator outside the square root.
     eps_root: added to the second moment inside the square root.
     moment_dtype: ``"float32"``, ``"bfloat16"`` or ``"int8"`` (block-wise).
-    block_size: entries per block of the flattened array for ``"int8"``.
+    block_size: entries per block of the flattened array for ``"int8"``; None
+      means 256 (see :func:`scale_by_adam_lowp`).
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.

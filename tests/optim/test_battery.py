@@ -102,15 +102,15 @@ CASES = {
     ),
     "adam_lowp_int8": Case(
         elsa_jax.adam_lowp, dict(moment_dtype="int8", **_BETAS), "learning_rate", (LR, 3 * LR),
-        static_args=("block_size",), params_fields=_LOWP_FIELDS,
+        params_fields=_LOWP_FIELDS,
     ),
     "adam_lowp_bf16": Case(
         elsa_jax.adam_lowp, dict(moment_dtype="bfloat16", **_BETAS), "learning_rate", (LR, 3 * LR),
-        static_args=("block_size",), params_fields=_LOWP_FIELDS,
+        params_fields=_LOWP_FIELDS,
     ),
     "scale_by_adam_lowp": Case(
         elsa_jax.scale_by_adam_lowp, dict(moment_dtype="int8", b2=_BETAS["b2"]), "b1", (0.875, 0.5),
-        static_args=("block_size",), params_fields=_LOWP_FIELDS,
+        params_fields=_LOWP_FIELDS,
     ),
 }
 
@@ -295,24 +295,22 @@ def test_inject_hyperparams_follows_the_constant(name, rng):
   assert moved > 1e-3, moved
 
 
-@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.static_args])
-def test_inject_hyperparams_without_static_args(name):
-  """The plain ``optax.inject_hyperparams(factory)(...)``, as optax documents it."""
+@pytest.mark.parametrize("name", ["adam_lowp_int8", "scale_by_adam_lowp"])
+def test_inject_hyperparams_block_size(name):
+  """A plain ``inject_hyperparams`` works (block_size defaults to None); a numeric one names the fix."""
   case = CASES[name]
-  tx = optax.inject_hyperparams(case.factory)(**case.kwargs, **{case.hyperparam: case.values[0]})
   params = make_params(np.random.default_rng())
-  try:
-    tx.update(make_grads(np.random.default_rng(), params), tx.init(params), params)
-  except ValueError as e:
-    if "Non-hashable static arguments" not in str(e):
-      raise
-    pytest.xfail(
-        "library bug: inject_hyperparams binds the default block_size=256 as a numeric "
-        "hyperparameter and passes it on as an array, but lowp.codecs.dequantize_blockwise "
-        "takes block_size as a jit static argument: a cryptic 'Non-hashable static "
-        "arguments' error at the first update, even eagerly (init works); works with "
-        "static_args=('block_size',)"
-    )
+  grads = make_grads(np.random.default_rng(), params)
+  plain = optax.inject_hyperparams(case.factory)(**case.kwargs, **{case.hyperparam: case.values[0]})
+  static = optax.inject_hyperparams(case.factory, static_args=("block_size",))(
+      **case.kwargs, block_size=256, **{case.hyperparam: case.values[0]})
+  got, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+  want, _ = jax.jit(static.update)(grads, static.init(params), params)
+  chex.assert_trees_all_equal(got, want)
+  numeric = optax.inject_hyperparams(case.factory)(**case.kwargs, block_size=128,
+                                                    **{case.hyperparam: case.values[0]})
+  with pytest.raises(TypeError, match=r"static_args=\('block_size',\)"):
+    numeric.init(params)
 
 
 @battery
