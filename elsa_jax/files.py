@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import logging
 import os
 import pathlib
@@ -45,6 +46,21 @@ logger = logging.getLogger(__name__)
 _SIBLING = re.compile(r"(?P<kind>tmp|new|old|del)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+_BLOCK = 1 << 22
+
+
+def file_sha256(path: str | os.PathLike, *, limit: int | None = None) -> str:
+  """The sha256 of a file's bytes (of its first ``limit`` bytes, when given)."""
+  digest = hashlib.sha256()
+  left = limit
+  with open(path, "rb") as f:
+    while block := f.read(_BLOCK if left is None else min(_BLOCK, left)):
+      digest.update(block)
+      if left is not None:
+        left -= len(block)
+        if not left:
+          break
+  return digest.hexdigest()
 
 
 def _tag() -> str:
