@@ -127,7 +127,15 @@ def recover_directory(path: str | os.PathLike) -> None:
       siblings = [(kind, s) for kind, s in siblings if s != complete[0]]
   for kind, sibling in siblings:
     logger.info("removing %s, left by a killed writer of %s", sibling.name, path)
-    _remove_tree(sibling)
+    _remove_debris(sibling)
+
+
+def _remove_debris(sibling: pathlib.Path) -> None:
+  """Removes a dead writer's sibling and, as it may itself have been the target of a nested
+  :func:`atomic_directory` (``save_pretrained`` into an export's temporary), that one's siblings."""
+  _remove_tree(sibling)
+  for _, nested in _siblings(sibling):
+    _remove_debris(nested)
 
 
 def remove_directory(path: str | os.PathLike) -> None:

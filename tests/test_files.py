@@ -129,3 +129,14 @@ def test_remove_directory_is_all_or_nothing(tmp_path):
   files.remove_directory(target)
   assert list(tmp_path.iterdir()) == []
   files.remove_directory(target)  # nothing there: a no-op
+
+
+def test_debris_of_a_nested_write_is_removed_with_its_parent(tmp_path):
+  # An export writes save_pretrained's atomic directory into its own temporary one; both die.
+  target = tmp_path / "model"
+  outer = tmp_path / f".model.tmp-{files.socket.gethostname()}-999999999-0123abcd"
+  inner = tmp_path / f".{outer.name}.new-{files.socket.gethostname()}-999999999-4567cdef"
+  outer.mkdir()
+  inner.mkdir()
+  files.recover_directory(target)
+  assert list(tmp_path.iterdir()) == []

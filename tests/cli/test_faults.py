@@ -110,6 +110,20 @@ def _kill_when(proc, trigger, timeout=300.0) -> bool:
   raise TimeoutError("the run neither finished nor reached its trigger")
 
 
+def _after_seconds(seconds):
+  t0 = time.time()
+  return lambda: time.time() - t0 > seconds
+
+
+def _lines(path):
+  return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _after_more_steps(metrics, n):
+  base = _lines(metrics)
+  return lambda: _lines(metrics) >= base + n
+
+
 def test_sigkill_at_random_instants_resumes_bit_identical(tiny_run, reference, tmp_path):
   ref, _ = reference
   seed = int(np.random.default_rng().integers(1 << 31))
@@ -117,28 +131,29 @@ def test_sigkill_at_random_instants_resumes_bit_identical(tiny_run, reference, t
   out = tiny_run[0] / f"faults-kill-{seed}"
   ckpt = out / "checkpoints"
 
-  def metrics_lines(n):
-    return lambda: (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= n
-
   def orbax_writing():
     return ckpt.exists() and any(checkpoint_lib._ORBAX_TMP in p.name for p in ckpt.iterdir())
 
   def exporting():
     return out.exists() and any(p.name.startswith(".model.") for p in out.iterdir())
 
-  t0 = time.time()
-  delay = float(rng.uniform(5, 40))
-  triggers = {"training": metrics_lines(int(rng.integers(1, 5))), "checkpointing": orbax_writing,
-              "export": exporting, "random": lambda: time.time() - t0 > delay}
+  delay = float(rng.uniform(3, 30))  # start-up takes 10-25 s here: anywhere from start-up to training
+  more = int(rng.integers(1, _STEPS // 3))
+  triggers = {  # each made when its attempt starts
+      "random": lambda: _after_seconds(delay),
+      "training": lambda: _after_more_steps(out / "metrics.jsonl", more),
+      "checkpointing": lambda: orbax_writing,
+      "export": lambda: exporting,
+  }
   hit = []
-  for aim, trigger in triggers.items():
-    t0 = time.time()
+  for aim, make_trigger in triggers.items():
     with open(tmp_path / f"{aim}.log", "wb") as log:
-      killed = _kill_when(_start(tiny_run, out, log), trigger)
+      killed = _kill_when(_start(tiny_run, out, log), make_trigger())
     hit.append((aim, _phase(out) if killed else "finished"))
     _assert_nothing_lost(out)
-  print(f"seed {seed}: aimed -> hit {hit}")
-  assert [h for _, h in hit[:3]] == ["training", "checkpointing", "export"], (seed, hit)
+  print(f"seed {seed}, random delay {delay:.1f} s: aimed -> hit {hit}")
+  # Asynchronous checkpoints overlap training, so a kill in training may also cut a checkpoint write.
+  assert {"checkpointing", "export"} <= {h for _, h in hit} and hit[-1][1] == "export", (seed, hit)
   pipeline.prune(_run_config(tiny_run, out), progress=False)  # the same command once more finishes the run
   _assert_same_model(_tensors(out / "model"), ref)
   assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no debris, no lock
