@@ -17,6 +17,11 @@ _WORDS = (
 ).split()
 
 
+def pytest_configure(config):
+  config.addinivalue_line("markers", "faults: fault injection on the tiny model (kills, damage, full disk); "
+                                     "about two to three minutes")
+
+
 def _write_text(path: pathlib.Path, n_docs: int, seed: int) -> pathlib.Path:
   rng = np.random.default_rng(seed)
   lines = []

@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
   p.add_argument("--no-compare-magnitude", action="store_true", help="skip the magnitude baseline evaluation")
   p.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's evaluation")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing exported model")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing exported model, and start afresh where the checkpoints cannot be "
+                      "resumed (other settings, damaged)")
   p.add_argument("--distributed", action="store_true",
                  help="join a multi-process run (jax.distributed; see elsa_jax.run.distributed)")
   p.add_argument("--remat", nargs="?", const="full", default=False,

@@ -50,6 +50,7 @@ from typing import Any
 import jax
 
 from elsa_jax import models
+from elsa_jax.data import fingerprint
 from elsa_jax.oneshot import registry as oneshot_registry
 from elsa_jax.run import train
 
@@ -205,7 +206,8 @@ class OutputSpec:
       ``summary.json``, ``model/``).
     checkpoint_every: ``--checkpoint-every``: save every N steps (0: only at the end).
     keep: ``--keep``: checkpoints to keep.
-    overwrite: ``--overwrite``: replace an existing exported model.
+    overwrite: ``--overwrite``: replace an existing exported model, and delete and start afresh
+      checkpoints that cannot be resumed (another configuration, none intact).
   """
 
   dir: str | pathlib.Path = "runs/elsa"
@@ -238,7 +240,8 @@ class RunConfig:
   def checkpoint_config(self) -> dict[str, Any]:
     """The resumable configuration (``checkpoints/run_config.json``): a run resumes only
     from checkpoints of an equal one, and ``elsa-jax export --run-dir`` rebuilds the run from it."""
-    return {"model": self.model.path, "calib": self.data.calib, "method": self.method.name,
+    return {"model": fingerprint.resolved(self.model.path), "calib": fingerprint.resolved(self.data.calib),
+            "method": self.method.name,
             "init_method": self.method.init, "oneshot_windows": self.data.calib_windows,
             "oneshot_seqlen": self.calib_seqlen, "damp": self.method.damp,
             **dataclasses.asdict(self.method.hyperparameters)}

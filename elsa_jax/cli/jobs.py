@@ -37,11 +37,14 @@ import numpy as np
 from elsa_jax import models
 from elsa_jax.cli import config as config_lib
 from elsa_jax.optim import finalize as finalize_lib
+from elsa_jax import files
 from elsa_jax.files import atomic_directory
 from elsa_jax.data import assets
+from elsa_jax.data import fingerprint
 from elsa_jax.oneshot import registry as oneshot_registry
 from elsa_jax.oneshot import walk as baselines
 from elsa_jax.run import checkpoint as checkpoint_lib
+from elsa_jax.run import lock as lock_lib
 from elsa_jax.data import documents as data_lib
 from elsa_jax.data import evaluation as evaluate_lib
 from elsa_jax.run import memory as memory_lib
@@ -178,6 +181,7 @@ def perplexity_of(model: LoadedModel, params: Any, eval_ids: np.ndarray, *, seql
 
 
 def check_output_dir(path: pathlib.Path, overwrite: bool) -> None:
+  files.recover_directory(path)  # a replacement a killed run left half done, and its debris
   if path.exists() and any(path.iterdir()) and not overwrite:
     raise FileExistsError(
         f"{path} already exists and is not empty; pass --overwrite to replace it or choose another --output."
@@ -256,9 +260,10 @@ def _open_checkpointer(run: config_lib.RunConfig) -> checkpoint_lib.RunCheckpoin
   """The run's checkpoints (an ADMM method's; a one-shot run has nothing to resume)."""
   if not run.method.trained:
     return None
+  config = {**run.checkpoint_config(), "fingerprints": fingerprint.fingerprints(run.model.path, run.data.calib)}
   return checkpoint_lib.RunCheckpointer(
-      pathlib.Path(run.output.dir) / "checkpoints", config=run.checkpoint_config(),
-      save_every=run.output.checkpoint_every, keep=run.output.keep,
+      pathlib.Path(run.output.dir) / "checkpoints", config=config,
+      save_every=run.output.checkpoint_every, keep=run.output.keep, restart=run.output.overwrite,
   )
 
 
@@ -387,6 +392,13 @@ def prune(run: config_lib.RunConfig, *, stop_after: int | None = None, progress:
   """
   t0 = time.perf_counter()
   mesh = _check_run(run)
+  with lock_lib.RunLock(run.output.dir, flag="--output"):  # refuses at once a second run on the folder
+    return _prune_locked(run, mesh, t0, stop_after=stop_after, progress=progress)
+
+
+def _prune_locked(run: config_lib.RunConfig, mesh: jax.sharding.Mesh, t0: float, *, stop_after: int | None,
+                  progress: bool) -> dict[str, Any]:
+  """:func:`prune` once the run folder is locked."""
   inputs = _load_inputs(run, mesh)
   checkpointer = _open_checkpointer(run)
   summary = _start_summary(run, inputs)
@@ -422,18 +434,35 @@ def evaluate(model: str = DEFAULT_MODEL, eval_text: str = DEFAULT_TEXT, *, seqle
 def export_run(run_dir: str | pathlib.Path, output: str | pathlib.Path | None = None, *,
                overwrite: bool = False) -> pathlib.Path:
   """Finalizes the latest checkpoint of a run and writes it as an HF model."""
-  run_dir = pathlib.Path(run_dir)
-  config_path = run_dir / "checkpoints" / "run_config.json"
-  if not config_path.exists():
-    raise FileNotFoundError(f"no checkpoints of a run in {run_dir} (missing {config_path}); "
-                            f"point --run-dir at the --output of an elsa-jax prune run.")
-  run_config = json.loads(config_path.read_text())
+  run_dir = pathlib.Path(run_dir).resolve()
+  run_config = checkpoint_lib.saved_config(run_dir / "checkpoints")
+  if run_config is None:
+    raise FileNotFoundError(f"no checkpoints of a run in {run_dir} (no {run_dir / 'checkpoints'} with a "
+                            f"{checkpoint_lib.CONFIG_FILE}); point --run-dir at the --output of an elsa-jax prune run.")
   out = pathlib.Path(output) if output else run_dir / "model"
   check_output_dir(out, overwrite)
+  with lock_lib.RunLock(run_dir, flag="--run-dir"):  # no run writes these checkpoints meanwhile
+    return _export_locked(run_dir, run_config, out, overwrite=overwrite)
+
+
+def _check_calibration_unchanged(run_config: dict[str, Any]) -> None:
+  """SAFE+'s export recomputes its activation norms from the calibration text, which must be the run's."""
+  saved = (run_config.get("fingerprints") or {}).get("calib")
+  if saved and fingerprint.text_fingerprint(saved["path"]) != saved["fingerprint"]:
+    raise ValueError(f"the calibration file {saved['path']} changed since the run; SAFE+'s export recomputes its "
+                     f"activation norms from it, so restore the original file to export this run.")
+
+
+def _export_locked(run_dir: pathlib.Path, run_config: dict[str, Any], out: pathlib.Path, *,
+                   overwrite: bool) -> pathlib.Path:
+  """:func:`export_run` once the run folder is locked."""
   cfg = train.ElsaConfig(**{k: v for k, v in run_config.items()
                             if k in {f.name for f in dataclasses.fields(train.ElsaConfig)}})
+  if cfg.score_source == "activations":
+    _check_calibration_unchanged(run_config)
   loaded = load_model(run_config["model"])
-  checkpointer = checkpoint_lib.RunCheckpointer(run_dir / "checkpoints", config=run_config, save_every=0)
+  checkpointer = checkpoint_lib.RunCheckpointer(run_dir / "checkpoints", config=run_config, save_every=0,
+                                                read_only=True)
   fixed_score = None
   if cfg.score_source == "activations":  # SAFE+: recompute the (deterministic) activation norms
     docs = data_lib.load_documents(run_config["calib"], split="calibration")

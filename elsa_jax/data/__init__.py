@@ -17,3 +17,4 @@
 from elsa_jax.data import assets
 from elsa_jax.data import documents
 from elsa_jax.data import evaluation
+from elsa_jax.data import fingerprint
