@@ -28,6 +28,7 @@ run's configuration is all that resuming needs besides the arrays.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 from typing import Any
@@ -36,6 +37,11 @@ import jax
 import orbax.checkpoint as ocp
 
 _CONFIG_FILE = "run_config.json"
+#: The key of run_config.json that records the software and devices a run started on (jax version, device
+#: kind and count): recorded, not required to match on resume (a mismatch is logged as a warning, because
+#: the resumed run's figures may then differ in their last bits from an uninterrupted run's).
+ENVIRONMENT_KEY = "environment"
+logger = logging.getLogger(__name__)
 
 
 class ConfigMismatchError(ValueError):
@@ -108,14 +114,18 @@ class RunCheckpointer:
       diff = {
           k: (saved.get(k), self.config.get(k))
           for k in sorted(set(saved) | set(self.config))
-          if saved.get(k) != self.config.get(k)
+          if saved.get(k) != self.config.get(k) and k != ENVIRONMENT_KEY
       }
       if diff:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ConfigMismatchError(
             f"the checkpoints in {self.directory} come from a run with another configuration "
-            f"({details}); resume with the same settings, or pick a new --run-dir."
+            f"({details}); resume with the same settings, or pick a new --output."
         )
+      if saved.get(ENVIRONMENT_KEY, {}) != self.config.get(ENVIRONMENT_KEY, {}):
+        logger.warning("resuming a run started in another environment (%s, now %s); its figures may differ in "
+                       "their last bits from an uninterrupted run's.", saved.get(ENVIRONMENT_KEY),
+                       self.config.get(ENVIRONMENT_KEY))
     elif jax.process_index() == 0:
       self.directory.mkdir(parents=True, exist_ok=True)
       tmp = path.with_suffix(".tmp")
