@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import logging
 import sys
 
 from elsa_jax.cli import config as config_lib
+from elsa_jax.cli import output
+from elsa_jax.errors import UserError
 from elsa_jax.run import train
+from elsa_jax.sparsity import patterns
 
 _ELSA_FIELDS = tuple(f.name for f in dataclasses.fields(train.ElsaConfig))
 #: The flags of ``prune`` (argparse dests) -> the (section, field) of the RunConfig they set; the ELSA flags
@@ -48,7 +49,10 @@ _RUN_FLAGS = {
 #: ``--no-X`` flags: given, they set X to False.
 _NEGATED = ("no_compare_magnitude", "no_dense_eval")
 #: Flags whose 0 means "the preset's value", as it always has.
-_ZERO_IS_UNSET = ("eval_seqlen", "calib_windows", "calib_seqlen")
+_ZERO_IS_UNSET = ("calib_windows", "calib_seqlen")
+#: The errors the command line reports as a message (exit 2, no traceback): bad input, a diverged run,
+#: a run that will not fit, a file that cannot be read or written. Anything else is a bug.
+USER_ERRORS = (UserError, ValueError, OSError, FloatingPointError, MemoryError)
 
 
 def _mesh(text: str) -> tuple[int, int]:
@@ -104,6 +108,12 @@ def run_config(args: argparse.Namespace) -> config_lib.RunConfig:
       value = getattr(args, dest)
       sections.setdefault(section, {})[name] = not value if dest in _NEGATED else value
   elsa = {name: getattr(args, name) for name in _ELSA_FIELDS if _given(args, name)}
+  if "sparsity" in elsa and "pattern" in elsa:
+    pattern = patterns.parse(elsa["pattern"])
+    if pattern.n_m is not None and elsa["sparsity"] != pattern.sparsity:
+      raise ValueError(f"--sparsity {elsa['sparsity']} contradicts --pattern {pattern}, which prunes "
+                       f"{output.percent(pattern.sparsity)} of every matrix ({pattern.n} of every {pattern.m} "
+                       f"kept); drop --sparsity.")
   return config_lib.override(config_lib.resolve_preset(args.preset), elsa=elsa, **sections)
 
 
@@ -160,35 +170,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  for noisy in ("absl", "jax._src", "orbax"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  """Runs one command; returns 0, or 2 after printing the message of a user error (:data:`USER_ERRORS`)."""
+  output.configure_logging()
   argv = sys.argv[1:] if argv is None else argv
   parser = build_parser()
   args = parser.parse_args(argv or ["prune"])
-  if getattr(args, "distributed", False):
-    from elsa_jax.run import distributed
-
-    distributed.initialize()
-  from elsa_jax.cli import jobs as pipeline
-
   try:
+    if getattr(args, "distributed", False):
+      from elsa_jax.run import distributed
+
+      distributed.initialize()
+    from elsa_jax.cli import jobs as pipeline
+
     if args.command == "prune":
       summary = pipeline.prune(run_config(args))
       keys = [k for k in summary if k.endswith("_ppl")]
-      print(json.dumps({k: round(summary[k], 3) for k in keys}))
+      print(output.dumps({k: round(summary[k], 3) for k in keys}))
     elif args.command == "eval":
       result = pipeline.evaluate(args.model, args.eval_text, seqlen=args.seqlen, windows=args.windows,
                                  text_field=args.text_field, compute_dtype=args.compute_dtype)
-      print(json.dumps(result, indent=2, default=float))
+      print(output.dumps(result, indent=2))
     elif args.command == "export":
       path = pipeline.export_run(args.run_dir, args.output, overwrite=args.overwrite)
       print(f"wrote {path}")
     else:
       parser.print_help()
       return 2
-  except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
-    print(f"elsa-jax: error: {err}", file=sys.stderr)
+  except USER_ERRORS as err:
+    print(f"elsa-jax: error: {output.error_message(err)}", file=sys.stderr)
     return 2
   return 0
 

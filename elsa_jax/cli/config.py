@@ -77,7 +77,8 @@ def method_config(cfg: train.ElsaConfig, method: str) -> train.ElsaConfig:
   return cfg
 
 
-def _positive(flag: str, value: int | None, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+def positive(flag: str, value: int | None, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+  """Raises ValueError naming ``flag`` unless ``value`` is a positive (or, ``allow_zero``, non-negative) integer."""
   if value is None and allow_none:
     return
   if value is None or value < (0 if allow_zero else 1):
@@ -137,8 +138,8 @@ class DataSpec:
   def __post_init__(self):
     if not self.calib or not self.eval_text:
       raise ValueError("--calib and --eval-text must name a text; 'default' is the built-in one.")
-    _positive("--calib-windows", self.calib_windows)
-    _positive("--calib-seqlen", self.calib_seqlen, allow_none=True)
+    positive("--calib-windows", self.calib_windows)
+    positive("--calib-seqlen", self.calib_seqlen, allow_none=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,8 +194,8 @@ class EvalSpec:
   dense: bool = True
 
   def __post_init__(self):
-    _positive("--eval-seqlen", self.seqlen)
-    _positive("--eval-windows", self.windows, allow_zero=True)
+    positive("--eval-seqlen", self.seqlen)
+    positive("--eval-windows", self.windows, allow_zero=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,8 +219,8 @@ class OutputSpec:
   def __post_init__(self):
     if not str(self.dir):
       raise ValueError("--output is empty; give the run directory, e.g. runs/elsa.")
-    _positive("--checkpoint-every", self.checkpoint_every, allow_zero=True)
-    _positive("--keep", self.keep)
+    positive("--checkpoint-every", self.checkpoint_every, allow_zero=True)
+    positive("--keep", self.keep)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import time
 from typing import Any, NamedTuple
 
@@ -36,6 +37,8 @@ import numpy as np
 
 from elsa_jax import models
 from elsa_jax.cli import config as config_lib
+from elsa_jax.cli import output
+from elsa_jax.errors import InputError
 from elsa_jax.optim import finalize as finalize_lib
 from elsa_jax import files
 from elsa_jax.files import atomic_directory
@@ -47,10 +50,12 @@ from elsa_jax.run import checkpoint as checkpoint_lib
 from elsa_jax.run import lock as lock_lib
 from elsa_jax.data import documents as data_lib
 from elsa_jax.data import evaluation as evaluate_lib
+from elsa_jax.run import checks
 from elsa_jax.run import memory as memory_lib
 from elsa_jax.run import sharding as sharding_lib
 from elsa_jax.run import train
 from elsa_jax.sparsity import patterns
+from elsa_jax.sparsity import prunable as prunable_lib
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,8 @@ ADMM_METHODS = config_lib.ADMM_METHODS
 METHODS = config_lib.METHODS
 INIT_METHODS = config_lib.INIT_METHODS
 SAFE_RHO = config_lib.SAFE_RHO
+#: What a run directory of ours holds, besides hidden temporaries (``.name.*``).
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl", "summary.json", "model")
 
 
 def calibration_ids(tokens, *, windows: int, seqlen: int, seed: int) -> np.ndarray:
@@ -188,19 +195,84 @@ def check_output_dir(path: pathlib.Path, overwrite: bool) -> None:
     )
 
 
+def check_writable(path: pathlib.Path, flag: str = "--output") -> None:
+  """Refuses a path that cannot be created or written: its nearest existing folder must be writable."""
+  existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+  if not existing.is_dir():
+    raise InputError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise InputError(f"{flag} {path} cannot be written: {existing} is not writable (permissions, or a read-only "
+                     f"file system); choose another {flag}.")
+
+
+def check_run_dir(path: pathlib.Path) -> None:
+  """Refuses an ``--output`` that cannot be written, or that holds what is not a run's (:data:`RUN_ENTRIES`).
+
+  A folder with only a ``summary.json`` is not a run's either (a run writes it after its model or
+  checkpoints), so another tool's summary is never replaced.
+  """
+  if path.exists() and path.is_dir():
+    names = {p.name for p in path.iterdir() if not p.name.startswith(".")}
+    foreign = sorted(names - set(RUN_ENTRIES)) or (["summary.json"] if names == {"summary.json"} else [])
+    if foreign:
+      shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+      raise FileExistsError(f"--output {path} holds files that are not an elsa-jax run's ({shown}); nothing was "
+                            f"written there. Choose a new or empty --output.")
+  check_writable(path)
+
+
+def check_pattern_fits(spec: str, pattern: patterns.PatternLike) -> None:
+  """Refuses, from the model's config alone, an N:M pattern whose M does not divide every pruned matrix."""
+  pattern = patterns.parse(pattern)
+  if pattern.n_m is None:
+    return
+  graphdef, abstract = models.abstract_model(model_config(spec))
+  prunable = models.architecture_of(graphdef).prunable
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    if prunable(path, leaf):
+      try:
+        pattern.check_shape(leaf.shape, 0)  # groups along the input features, as elsa_jax.admm's default axis
+      except ValueError:
+        raise ValueError(f"--pattern {pattern} does not fit the model {spec}: {prunable_lib.path_str(path)} has "
+                         f"{leaf.shape[0]} input features, not a multiple of {pattern.m}. Choose an M that "
+                         f"divides them, such as 2:4 or 4:8.") from None
+
+
+def check_finite_weights(params: Any, what: str) -> None:
+  """Refuses to evaluate or export weights that hold NaN or inf (:func:`elsa_jax.run.checks.first_nonfinite`)."""
+  bad = checks.first_nonfinite(params)
+  if bad is not None:
+    raise FloatingPointError(f"{what} hold NaN or inf (at {bad}); nothing was exported. The run diverged or the "
+                             f"method failed numerically: lower --lr, or use --compute-dtype float32 (SparseGPT: "
+                             f"a larger --damp).")
+
+
 def export(model: LoadedModel, params: Any, out: str | pathlib.Path, *, overwrite: bool = False,
            extra: dict[str, Any] | None = None) -> pathlib.Path:
-  """Writes an HF directory (config, safetensors, tokenizer, sparsity report) atomically."""
+  """Writes an HF directory (config, safetensors, tokenizer, sparsity report) atomically.
+
+  Raises:
+    OSError: the directory could not be written (a full disk...); nothing is left at ``out``.
+  """
   out = pathlib.Path(out)
   check_output_dir(out, overwrite)
+  check_writable(out)
   host_params = jax.device_get(params)
-  with atomic_directory(out) as tmp:
-    models.save_pretrained((model.graphdef, host_params), model.config, tmp, overwrite=True)
-    model.tokenizer.save_pretrained(tmp)
-    report = finalize_lib.sparsity_report(host_params, model.architecture.prunable)
-    info = {"source_model": model.source, "sparsity_report": report}
-    info.update(extra or {})
-    (tmp / "elsa_jax.json").write_text(json.dumps(info, indent=2, default=float))
+  from safetensors import SafetensorError
+
+  try:
+    with atomic_directory(out) as tmp:
+      models.save_pretrained((model.graphdef, host_params), model.config, tmp, overwrite=True)
+      model.tokenizer.save_pretrained(tmp)
+      report = finalize_lib.sparsity_report(host_params, model.architecture.prunable)
+      info = {"source_model": model.source, "sparsity_report": report}
+      info.update(extra or {})
+      (tmp / "elsa_jax.json").write_text(output.dumps(info, indent=2))
+  except (OSError, SafetensorError) as err:  # safetensors reports a full disk as "... (os error 28)"
+    code = getattr(err, "errno", None) or next((int(m) for m in re.findall(r"os error (\d+)", str(err))), None)
+    if code is None:
+      raise
+    raise OSError(code, f"{os.strerror(code)} while writing the model (nothing was left there)", str(out)) from err
   return out
 
 
@@ -218,10 +290,14 @@ def _check_run(run: config_lib.RunConfig) -> jax.sharding.Mesh:
 
   The values themselves were checked when ``run`` was built.
   """
+  check_run_dir(pathlib.Path(run.output.dir))
   check_output_dir(pathlib.Path(run.output.dir) / "model", run.output.overwrite)
+  for source in (run.data.calib, run.data.eval_text):
+    data_lib.check_source(source)
   mesh = sharding_lib.make_mesh(*run.model.mesh)
   cfg = run.method.hyperparameters
   sharding_lib.fits_mesh(cfg.batch_size, mesh)
+  check_pattern_fits(run.model.path, cfg.pattern)
   if run.method.trained:
     check_memory(run.model.path, cfg, mesh, remat=run.model.remat, scan_layers=run.model.scan_layers)
   return mesh
@@ -260,7 +336,8 @@ def _open_checkpointer(run: config_lib.RunConfig) -> checkpoint_lib.RunCheckpoin
   """The run's checkpoints (an ADMM method's; a one-shot run has nothing to resume)."""
   if not run.method.trained:
     return None
-  config = {**run.checkpoint_config(), "fingerprints": fingerprint.fingerprints(run.model.path, run.data.calib)}
+  config = {**run.checkpoint_config(), "fingerprints": fingerprint.fingerprints(run.model.path, run.data.calib),
+            checkpoint_lib.ENVIRONMENT_KEY: output.environment()}
   return checkpoint_lib.RunCheckpointer(
       pathlib.Path(run.output.dir) / "checkpoints", config=config,
       save_every=run.output.checkpoint_every, keep=run.output.keep, restart=run.output.overwrite,
@@ -276,6 +353,7 @@ def _start_summary(run: config_lib.RunConfig, inputs: _Inputs) -> dict[str, Any]
   if inputs.oneshot_ids is not None:
     summary["oneshot_calibration"] = {"windows": run.data.calib_windows, "seqlen": run.calib_seqlen,
                                       "damp": run.method.damp}
+  summary["environment"] = output.environment()
   return summary
 
 
@@ -299,7 +377,8 @@ def _evaluate_baselines(run: config_lib.RunConfig, inputs: _Inputs, summary: dic
   if run.evaluation.compare_magnitude and run.method.name != "magnitude":
     mag = finalize_lib.finalize(loaded.params, sparsity=sparsity, pattern=cfg.pattern, projection="magnitude")
     summary["magnitude_ppl"] = _perplexity(run, inputs, mag)
-    print(f"magnitude {cfg.pattern} {sparsity:.0%} perplexity: {summary['magnitude_ppl']:.3f}", flush=True)
+    print(f"magnitude {cfg.pattern} {output.percent(sparsity)} perplexity: {summary['magnitude_ppl']:.3f}",
+          flush=True)
     del mag
 
 
@@ -329,16 +408,18 @@ def _train(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh,
     start_params = _oneshot(run, inputs, init_method, summary)
     if init_method != "magnitude" or not run.evaluation.compare_magnitude:
       summary[f"{init_method}_ppl"] = _perplexity(run, inputs, start_params)
-      print(f"{init_method} (the starting point) {cfg.pattern} {sparsity:.0%} perplexity: "
+      print(f"{init_method} (the starting point) {cfg.pattern} {output.percent(sparsity)} perplexity: "
             f"{summary[f'{init_method}_ppl']:.3f}", flush=True)
-  result = train.run(
-      loaded.graphdef, start_params, cfg, inputs.windows.batch, mesh=mesh,
-      logical_axes=models.logical_axes_of(loaded.graphdef, loaded.params),
-      checkpointer=checkpointer, metrics_path=pathlib.Path(run.output.dir) / "metrics.jsonl", progress=progress,
-      stop_after=stop_after, fixed_score=fixed_score,
-  )
+  try:
+    result = train.run(
+        loaded.graphdef, start_params, cfg, inputs.windows.batch, mesh=mesh,
+        logical_axes=models.logical_axes_of(loaded.graphdef, loaded.params),
+        checkpointer=checkpointer, metrics_path=pathlib.Path(run.output.dir) / "metrics.jsonl", progress=progress,
+        stop_after=stop_after, fixed_score=fixed_score,
+    )
+  finally:
+    checkpointer.close()
   del start_params
-  checkpointer.close()
   if result.final_step < cfg.steps:  # interrupted on purpose (stop_after)
     summary["stopped_at"] = result.final_step
     return None
@@ -352,9 +433,10 @@ def _train(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh,
 def _export_pruned(run: config_lib.RunConfig, inputs: _Inputs, pruned: Any, summary: dict[str, Any]) -> None:
   """Evaluates the pruned model and writes it (process 0: every process holds it whole) to ``output/model``."""
   cfg, name = run.method.hyperparameters, run.method.name
+  check_finite_weights(pruned, f"the {name}-pruned weights")
   summary[f"{name}_ppl"] = _perplexity(run, inputs, pruned)
-  print(f"{name} {cfg.pattern} {train.pattern_sparsity(cfg):.0%} perplexity: {summary[f'{name}_ppl']:.3f}",
-        flush=True)
+  print(f"{name} {cfg.pattern} {output.percent(train.pattern_sparsity(cfg))} perplexity: "
+        f"{summary[f'{name}_ppl']:.3f}", flush=True)
   summary["sparsity"] = finalize_lib.sparsity_report(jax.device_get(pruned))["overall"]
   if jax.process_index() == 0:
     export(inputs.loaded, pruned, pathlib.Path(run.output.dir) / "model", overwrite=run.output.overwrite,
@@ -365,7 +447,7 @@ def _write_summary(run: config_lib.RunConfig, summary: dict[str, Any], t0: float
   out = pathlib.Path(run.output.dir)
   summary["wall_seconds"] = time.perf_counter() - t0
   if jax.process_index() == 0:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    output.write_json(out / "summary.json", summary)
   print(f"wrote the pruned model to {out / 'model'}", flush=True)
 
 
@@ -417,6 +499,10 @@ def _prune_locked(run: config_lib.RunConfig, mesh: jax.sharding.Mesh, t0: float,
 def evaluate(model: str = DEFAULT_MODEL, eval_text: str = DEFAULT_TEXT, *, seqlen: int = 1024,
              windows: int = 0, text_field: str = "text", compute_dtype: str = "float32") -> dict[str, Any]:
   """Perplexity (the field's protocol) and sparsity report of a model."""
+  config_lib.positive("--seqlen", seqlen)
+  config_lib.positive("--windows", windows, allow_zero=True)
+  checks.check_choice("compute_dtype", compute_dtype, train.CHOICES["compute_dtype"])
+  data_lib.check_source(eval_text)
   loaded = load_model(model)
   docs = data_lib.load_documents(eval_text, split="evaluation", text_field=text_field)
   ids = evaluate_lib.eval_tokens(loaded.tokenizer, docs)
@@ -477,4 +563,5 @@ def _export_locked(run_dir: pathlib.Path, run_config: dict[str, Any], out: pathl
   if step == 0:
     raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no finished checkpoint yet.")
   pruned = finalize_lib.finalize(params, opt_state)  # the run's target, from its state
+  check_finite_weights(pruned, f"the weights of checkpoint step {step} in {run_dir / 'checkpoints'}")
   return export(loaded, pruned, out, overwrite=overwrite, extra={"checkpoint_step": step})

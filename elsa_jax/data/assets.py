@@ -71,6 +71,8 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from elsa_jax.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "ELSA_JAX_CACHE"
@@ -160,8 +162,12 @@ def _write_jsonl(path: pathlib.Path, records: Iterable[dict[str, Any]]) -> None:
 
 
 def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  try:
+    with open(path, encoding="utf-8") as f:
+      return [json.loads(line) for line in f if line.strip()]
+  except ValueError as err:  # UnicodeDecodeError, json.JSONDecodeError
+    raise InputError(f"the cached file {path} is damaged ({err}); delete it and run again: elsa-jax builds it "
+                     f"again from the PyPI files.") from None
 
 
 # ----------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from elsa_jax.data import assets
+from elsa_jax.errors import InputError, MissingFieldError
 
 logger = logging.getLogger(__name__)
 
@@ -69,17 +70,42 @@ def split_sections(text: str) -> list[str]:
   return _nonempty([s.strip("\n") for s in _BLANK_LINES.split(text)])
 
 
+def read_utf8(path: pathlib.Path) -> str:
+  """The text of a UTF-8 file (a BOM is dropped).
+
+  Raises:
+    elsa_jax.errors.InputError: naming the file and the line of the first byte that is not UTF-8.
+  """
+  data = path.read_bytes()
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError as err:
+    line = data.count(b"\n", 0, err.start) + 1
+    raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                     f"convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8.") from None
+
+
 def read_txt(path: pathlib.Path, *, sections: bool = False) -> list[str]:
   """Reads a UTF-8 text file as one document, or one per blank-line section."""
-  text = path.read_text(encoding="utf-8-sig")
+  text = read_utf8(path)
   return split_sections(text) if sections else _nonempty([text])
 
 
 def _field(record: Any, text_field: str, where: str) -> Any:
   if not isinstance(record, dict) or text_field not in record:
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-    raise KeyError(f"{where} has no field {text_field!r} (it has {keys}); pass text_field=...")
+    raise MissingFieldError(f"{where} has no field {text_field!r} (it has {keys}); name the field that holds "
+                            f"the text with --text-field (text_field=...).")
   return record[text_field]
+
+
+def _json(text: str, path: pathlib.Path, lineno: int = 1) -> Any:
+  """``json.loads(text)``, the text found at line ``lineno`` of ``path``; errors name the file and the line."""
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as err:
+    raise InputError(f"{path}:{lineno + err.lineno - 1}:{err.colno}: not valid JSON ({err.msg}); fix that "
+                     f"line, or give the text as a .txt file.") from None
 
 
 def read_jsonl(path: pathlib.Path, *, text_field: str = "text") -> list[str]:
@@ -87,14 +113,14 @@ def read_jsonl(path: pathlib.Path, *, text_field: str = "text") -> list[str]:
 
   A ``.json`` file holding one JSON list of records is read as well.
   """
-  text = path.read_text(encoding="utf-8-sig")
+  text = read_utf8(path)
   if path.suffix == ".json" and text.lstrip().startswith("["):
-    records = json.loads(text)
+    records = _json(text, path)
     return _nonempty([_field(r, text_field, f"{path} record {i}") for i, r in enumerate(records)])
   docs = []
   for lineno, line in enumerate(text.splitlines(), 1):
     if line.strip():
-      docs.append(_field(json.loads(line), text_field, f"{path}:{lineno}"))
+      docs.append(_field(_json(line, path, lineno), text_field, f"{path}:{lineno}"))
   return _nonempty(docs)
 
 
@@ -120,7 +146,8 @@ def _read_path(path: pathlib.Path, *, split: str, text_field: str, sections: boo
 
 def _dataset_texts(ds: Any, text_field: str, where: str) -> list[str]:
   if text_field not in ds.column_names:
-    raise KeyError(f"{where} has no column {text_field!r} (it has {ds.column_names}); pass text_field=...")
+    raise MissingFieldError(f"{where} has no column {text_field!r} (it has {ds.column_names}); name the column "
+                            f"that holds the text with --text-field (text_field=...).")
   return _nonempty(ds[text_field])
 
 
@@ -155,6 +182,24 @@ def load_dataset_documents(name: str, config: str | None = None, *, split: str =
   return _dataset_texts(ds, text_field, f"dataset {name!r} split {split!r}")
 
 
+def check_source(source: str) -> None:
+  """Refuses, reading nothing, a text source that names no existing file or folder (see :func:`load_documents`).
+
+  Raises:
+    FileNotFoundError: ``source`` is neither special nor an existing path.
+    ValueError: an ``hf:`` source without a dataset name.
+  """
+  if source == DEFAULT_SOURCE:
+    return
+  if source.startswith(HF_PREFIX):
+    parse_hf_source(source)
+  elif not pathlib.Path(source).expanduser().exists():
+    raise FileNotFoundError(
+        f"no text file or folder at {source!r}; give a .txt/.jsonl/.json file, a folder of them, "
+        f"{DEFAULT_SOURCE!r}, or {HF_PREFIX}NAME[:CONFIG][@SPLIT]."
+    )
+
+
 def load_documents(source: str, *, split: str = "calibration", text_field: str = "text",
                    sections: bool = False, data_files: Any = None) -> list[str]:
   """Loads the documents of a text source.
@@ -184,9 +229,11 @@ def load_documents(source: str, *, split: str = "calibration", text_field: str =
 
   Raises:
     FileNotFoundError: ``source`` is neither special nor an existing path.
-    KeyError: The records have no ``text_field``.
-    ValueError: The source holds no non-empty document.
+    KeyError: The records have no ``text_field`` (:class:`elsa_jax.errors.MissingFieldError`).
+    ValueError: The source holds no non-empty document, or a file is not UTF-8 or not valid JSON
+      (:class:`elsa_jax.errors.InputError`, naming the file and the line).
   """
+  check_source(source)
   if source == DEFAULT_SOURCE:
     docs = assets.default_text(split)
   elif source.startswith(HF_PREFIX):
@@ -194,13 +241,7 @@ def load_documents(source: str, *, split: str = "calibration", text_field: str =
     docs = load_dataset_documents(name, config, split=hf_split or DATASET_SPLITS.get(split, split),
                                   text_field=text_field, data_files=data_files)
   else:
-    path = pathlib.Path(source).expanduser()
-    if not path.exists():
-      raise FileNotFoundError(
-          f"no text file or folder at {source!r}; give a .txt/.jsonl/.json file, a folder of them, "
-          f"{DEFAULT_SOURCE!r}, or {HF_PREFIX}NAME[:CONFIG][@SPLIT]."
-      )
-    docs = _read_path(path, split=split, text_field=text_field, sections=sections)
+    docs = _read_path(pathlib.Path(source).expanduser(), split=split, text_field=text_field, sections=sections)
   if not docs:
     raise ValueError(f"{source!r} holds no non-empty document (text field {text_field!r}).")
   return docs

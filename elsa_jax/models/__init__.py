@@ -21,6 +21,7 @@ from the file or the object they are given.
 """
 
 from elsa_jax.models import base
+from elsa_jax.models import gguf_file
 from elsa_jax.models import gguf_tokenizer
 from elsa_jax.models import hf
 from elsa_jax.models import llama

@@ -89,16 +89,10 @@ def read_tokenizer_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     FileNotFoundError: ``path`` is not a file.
     ValueError: the file is not a readable GGUF or holds no tokenizer.
   """
-  import gguf
+  from elsa_jax.models.gguf_file import open_gguf
 
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"no such GGUF file: {str(path)!r}.")
-  try:
-    reader = gguf.GGUFReader(path)
-  except Exception as err:  # gguf raises ValueError, struct.error, IndexError... on a damaged file
-    raise ValueError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err}); "
-                     "re-download it or pass another --model.") from err
+  reader = open_gguf(path)
   meta = {name: reader.fields[key].contents() for name, key in _KEYS.items() if key in reader.fields}
   if "tokens" not in meta:
     raise ValueError(f"{path}: the GGUF file stores no tokenizer (no tokenizer.ggml.tokens); "

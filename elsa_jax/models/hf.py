@@ -22,6 +22,8 @@ import pathlib
 import re
 from typing import Any
 
+from elsa_jax.errors import InputError
+
 
 def resolve(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
   """The local directory of an HF model: ``path_or_hub_id`` itself, or the hub id downloaded.
@@ -60,4 +62,20 @@ def read_config(directory: pathlib.Path) -> dict[str, Any]:
   config_file = directory / "config.json"
   if not config_file.exists():
     raise FileNotFoundError(f"{directory} has no config.json; it is not an HF model directory.")
-  return json.loads(config_file.read_text())
+  return read_json(config_file)
+
+
+def read_json(path: pathlib.Path) -> Any:
+  """A JSON file of a model directory; a damaged one is named, with its line.
+
+  Raises:
+    elsa_jax.errors.InputError: the file is not UTF-8 JSON.
+  """
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as err:
+    raise InputError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg}); the model directory is "
+                     f"damaged: download or save the model again.") from None
+  except UnicodeDecodeError as err:
+    raise InputError(f"{path}: not UTF-8 ({err.reason} at byte {err.start}); the model directory is damaged: "
+                     f"download or save the model again.") from None

@@ -47,6 +47,7 @@ from flax import nnx
 from elsa_jax.models import hf
 from elsa_jax.models import llama
 from elsa_jax.models.base import Architecture, merge
+from elsa_jax.models.gguf_file import open_gguf
 from elsa_jax.models.gguf_tokenizer import from_gguf as tokenizer_from_gguf  # any architecture's GGUF
 
 #: HF ``model_type`` -> its architecture.
@@ -160,12 +161,8 @@ def _gguf_architecture(reader: Any, path: pathlib.Path) -> Architecture:
 
 
 def _gguf_reader(path: str | os.PathLike) -> tuple[Any, pathlib.Path]:
-  import gguf
-
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"no such GGUF file: {str(path)!r}.")
-  return gguf.GGUFReader(path), path
+  return open_gguf(path), path
 
 
 def config_from_gguf_file(path: str | os.PathLike) -> Any:

@@ -12,9 +12,10 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 # ==============================================================================
-"""The sharded pruning loop: train step, mesh sharding, checkpoints, multi-host, memory prediction."""
+"""The sharded pruning loop: train step, mesh sharding, checkpoints, checks, multi-host, memory prediction."""
 
 from elsa_jax.run import checkpoint
+from elsa_jax.run import checks
 from elsa_jax.run import checksums
 from elsa_jax.run import distributed
 from elsa_jax.run import lock

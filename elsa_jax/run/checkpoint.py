@@ -59,6 +59,10 @@ _ORBAX_TMP = ".orbax-checkpoint-tmp"
 #: What orbax rewrites in a step after our callback: its step metadata (times, not arrays).
 _REWRITTEN_AFTER_COMMIT = ("_CHECKPOINT_METADATA",)
 _FRESH = "pass --overwrite to start afresh (deleting them)"
+#: The key of run_config.json that records the software and devices a run started on (jax version, device
+#: kind and count): recorded, not required to match on resume (a mismatch is logged as a warning, because
+#: the resumed run's figures may then differ in their last bits from an uninterrupted run's).
+ENVIRONMENT_KEY = "environment"
 
 
 class ConfigMismatchError(ValueError):
@@ -152,7 +156,7 @@ def config_difference(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
     if was and is_ and was["path"] == is_["path"] and was["fingerprint"] != is_["fingerprint"]:
       return (f"the {name} file {is_['path']} changed since they were written "
               f"({was['fingerprint'][:23]}... then, {is_['fingerprint'][:23]}... now)")
-  keys = sorted((set(saved) | set(now)) - {"fingerprints"})
+  keys = sorted((set(saved) | set(now)) - {"fingerprints", ENVIRONMENT_KEY})
   diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
   return ", ".join(diff) or None
 
@@ -216,6 +220,10 @@ class RunCheckpointer:
     saved = saved_config(self.directory)
     problem = None if saved is None else config_difference(saved, self.config)
     if problem is None:
+      if saved is not None and saved.get(ENVIRONMENT_KEY, {}) != self.config.get(ENVIRONMENT_KEY, {}):
+        logger.warning("resuming a run started in another environment (%s, now %s); its figures may differ in "
+                       "their last bits from an uninterrupted run's.", saved.get(ENVIRONMENT_KEY),
+                       self.config.get(ENVIRONMENT_KEY))
       return
     if self._restart:
       self._discard(f"they come from a run with another configuration ({problem})")

@@ -49,11 +49,28 @@ from elsa_jax.optim import transform as _admm
 from elsa_jax.lowp import adam as _low_precision
 from elsa_jax.optim import sam as _sam
 from elsa_jax.run import checkpoint as checkpoint_lib
+from elsa_jax.run import checks
 from elsa_jax.run import sharding as sharding_lib
 from elsa_jax import models
 from elsa_jax.sparsity import patterns
 
 logger = logging.getLogger(__name__)
+
+
+#: The ElsaConfig fields that name one of a few choices (None: the field's own default rule).
+CHOICES = {
+    "lmda_schedule": ("constant", "residual_balancing"),
+    "projection": ("objective_aware", "magnitude"),
+    "score_source": ("grad_ema", "base_second_moment", "activations"),
+    "state_dtype": ("float32", "bfloat16", "float8_e4m3fn", "float8_e5m2"),
+    "moment_dtype": ("float32", "bfloat16", "int8"),
+    "score_dtype": (None, "float32", "bfloat16", "int8"),
+    "compute_dtype": ("bfloat16", "float32", "float16"),
+}
+#: ``(field, low, high, closed)``: the field must be finite and in ``[low, high)``, or ``(low, high)``
+#: when not ``closed`` (a None bound is open).
+_BOUNDS = (("lr", 0.0, None, False), ("lmda", 0.0, None, True), ("b1", 0.0, 1.0, True), ("b2", 0.0, 1.0, True),
+           ("eps", 0.0, None, True), ("clip", 0.0, None, False), ("sam_rho", 0.0, None, True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,18 +102,18 @@ class ElsaConfig:
 
   def __post_init__(self):
     if not 0.0 <= self.sparsity < 1.0:
-      raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}; e.g. 0.7 prunes 70%.")
+      raise ValueError(f"--sparsity must lie in [0, 1), got {self.sparsity}; e.g. 0.7 prunes 70%.")
     for name in ("steps", "batch_size", "grad_accum", "seqlen", "interval"):
       if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
-    if self.lr <= 0:
-      raise ValueError(f"lr must be positive, got {self.lr}.")
-    if self.sam_rho < 0:
-      raise ValueError(f"sam_rho must be >= 0 (0 turns SAM off), got {self.sam_rho}.")
-    if self.score_source not in ("grad_ema", "base_second_moment", "activations"):
-      raise ValueError(f"unknown score source {self.score_source!r}; use grad_ema, base_second_moment "
-                       f"or activations.")
-    patterns.parse(self.pattern)
+        raise ValueError(f"{checks.flag(name)} must be a positive integer, got {getattr(self, name)}.")
+    for name, low, high, closed in _BOUNDS:
+      checks.check_bound(name, getattr(self, name), low, high, closed)
+    for name, choices in CHOICES.items():
+      checks.check_choice(name, getattr(self, name), choices)
+    try:
+      patterns.parse(self.pattern)
+    except ValueError as err:
+      raise ValueError(f"--pattern: {err}") from None
 
   @property
   def tokens_per_step(self) -> int:
@@ -395,6 +412,7 @@ class MetricsLogger:
     if metrics_path is not None and is_main:
       metrics_path = pathlib.Path(metrics_path)
       metrics_path.parent.mkdir(parents=True, exist_ok=True)
+      checks.drop_metrics_after(metrics_path, start)
       self._file = open(metrics_path, "a")
     self._bar = None
     if progress and is_main:
@@ -423,23 +441,21 @@ class MetricsLogger:
     """Reads the deferred metrics (if any) to the host, checks them, and logs them.
 
     Raises:
-      FloatingPointError: when the loss or the gradient norm is not finite.
+      elsa_jax.run.checks.DivergedError: when the loss or the gradient norm is not finite.
     """
     if self._pending is None:
       return
     (step, metrics, t_done), self._pending = self._pending, None
     host = _to_host(metrics)
     if not all(math.isfinite(host[k]) for k in ("loss", "grad_norm")):
-      raise FloatingPointError(
-          f"the loss became {host['loss']} at step {step}; nothing was saved from this step. "
-          f"Lower --lr (now {self.cfg.lr}) or --lmda, or use float32 compute (--compute-dtype float32)."
-      )
+      raise checks.DivergedError(step, f"the loss became {host['loss']} (gradient norm {host['grad_norm']})",
+                                 lr=self.cfg.lr)
     host["step"] = step
     host["lr"] = float(self._lr_at(step - 1))
     host["time"] = t_done
     self.history.append(host)
     if self._file is not None:
-      self._file.write(json.dumps(host) + "\n")
+      self._file.write(json.dumps(checks.json_ready(host), allow_nan=False) + "\n")
       self._file.flush()
     if self._bar is not None:
       self._bar.set_postfix(
@@ -495,9 +511,12 @@ def _train_loop(programs: StepPrograms, params: Any, opt_state: Any, batches: Ca
       metrics_log.defer(done, metrics)
     metrics_log.advance()
     if saving:
-      metrics_log.flush()  # never checkpoint a state whose loss is not finite
+      metrics_log.flush()  # never checkpoint a state whose loss is not finite ...
+      checks.check_state(done, params, opt_state, lr=cfg.lr)  # ... nor one that is not finite itself
       checkpointer.save(done, params, opt_state)
   metrics_log.flush()
+  if checkpointer is None:
+    checks.check_state(steps.stop, params, opt_state, lr=cfg.lr)
   jax.block_until_ready(params)
   return params, opt_state
 
@@ -546,7 +565,8 @@ def run(
     A :class:`RunResult` with the final params and optimizer state.
 
   Raises:
-    FloatingPointError: when the loss becomes NaN or infinite.
+    elsa_jax.run.checks.DivergedError: when the loss, the params or the optimizer state become NaN or
+      infinite; no state from that step on is saved, and the error names the last good checkpoint.
   """
   rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
   sharding_lib.fits_mesh(cfg.batch_size, mesh)
@@ -556,6 +576,7 @@ def run(
   if checkpointer is not None:
     start, params, opt_state = checkpointer.restore_or(params, opt_state)
     if start:
+      checks.check_restored(start, checkpointer.directory, params, opt_state)
       logger.info("resuming from step %d", start)
   end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
   steps = range(start, end)
@@ -565,6 +586,11 @@ def run(
   try:
     params, opt_state = _train_loop(programs, params, opt_state, batches, steps=steps, cfg=cfg, mesh=mesh,
                                     metrics_log=metrics_log, checkpointer=checkpointer, log_every=log_every)
+  except checks.DivergedError as err:
+    if checkpointer is not None:
+      checkpointer.wait()
+      err.last_good = checkpointer.latest_step()
+    raise
   finally:
     metrics_log.close()
     if checkpointer is not None:

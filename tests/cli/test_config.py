@@ -100,7 +100,7 @@ CLI_FLAGS = ["--steps", "12", "--batch-size", "2", "--seqlen", "32", "--interval
 _PAPER_SAFE_FLAGS = ["--preset", "paper", "--method", "safe", "--sam-rho", "0.1", "--calib-windows", "0",
                      "--eval-windows", "3", "--remat", "dots", "--scan-layers", "--overwrite", "--keep", "3",
                      "--grad-accum", "2", "--score-dtype", "int8", "--moment-dtype", "int8", "--seed", "5", "--b1",
-                     "0.8", "--lmda-schedule", "residual_balancing", "--eval-seqlen", "0", "--calib-seqlen", "0",
+                     "0.8", "--lmda-schedule", "residual_balancing", "--calib-seqlen", "0",
                      "--text-field", "body", "--output", "X"]
 _BASE = ["--model", "M", "--calib", "C", "--eval-text", "E", "--seqlen", "32", "--batch-size", "2", "--eval-seqlen",
          "32", "--compute-dtype", "float32", "--preset", "cpu", "--mesh", "1x1"]
@@ -144,10 +144,13 @@ def test_a_run_writes_the_old_run_config_summary_and_lines(tiny_run, tmp_path, c
   out = tmp_path / "run"
   assert commands.main(["prune", *flags, "--output", str(out)]) == 0
   written = json.loads((out / "checkpoints" / "run_config.json").read_text())
+  environment = written.pop("environment")  # recorded beside the configuration, not compared on resume
   assert written == {**want, "model": str(model_dir), "calib": str(calib)}
   summary = json.loads((out / "summary.json").read_text())
-  assert list(summary) == ["model", "method", "config", "eval_seqlen", "init_method", "dense_ppl", "magnitude_ppl",
-                           "train_tokens_per_second", "final_metrics", "elsa_ppl", "sparsity", "wall_seconds"]
+  assert list(summary) == ["model", "method", "config", "eval_seqlen", "init_method", "environment", "dense_ppl",
+                           "magnitude_ppl", "train_tokens_per_second", "final_metrics", "elsa_ppl", "sparsity",
+                           "wall_seconds"]
+  assert summary["environment"] == environment and environment["jax"] == jax.__version__
   assert summary["config"] == {k: v for k, v in want.items() if k in summary["config"]}
   assert len(summary["config"]) == len(dataclasses.fields(train.ElsaConfig))
   lines = capsys.readouterr().out.splitlines()

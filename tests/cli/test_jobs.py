@@ -235,7 +235,7 @@ def test_safe_plus_from_wanda_trains_and_export_run_reproduces_it(tiny_run):
       progress=False,
   )
   assert list(summary) == ["model", "method", "config", "eval_seqlen", "init_method", "oneshot_calibration",
-                           "wanda_seconds", "wanda_ppl", "train_tokens_per_second", "final_metrics", "safe+_ppl",
+                           "environment", "wanda_seconds", "wanda_ppl", "train_tokens_per_second", "final_metrics", "safe+_ppl",
                            "sparsity", "wall_seconds"]
   assert summary["oneshot_calibration"] == {"windows": 8, "seqlen": 32, "damp": 0.01}
   assert summary["config"]["sam_rho"] == pipeline.SAFE_RHO

@@ -21,11 +21,12 @@ exact in any dtype.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from elsa_jax.errors import InputError
 from elsa_jax.files import atomic_directory
 from elsa_jax.models import hf
 from elsa_jax.models.llama.config import LlamaConfig
@@ -75,19 +77,30 @@ def _tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
   """Tensor name -> safetensors file, from the shard index if there is one."""
   index = directory / "model.safetensors.index.json"
   if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = hf.read_json(index)["weight_map"]
     return {name: directory / file for name, file in weight_map.items()}
   files = sorted(directory.glob("*.safetensors"))
   if not files:
     raise FileNotFoundError(f"{directory} holds no *.safetensors weights (PyTorch .bin checkpoints are "
                             f"not read; re-save the model with safe_serialization=True).")
-  from safetensors import safe_open
-
   out = {}
   for f in files:
-    with safe_open(f, framework="flax") as fh:
+    with open_safetensors(f) as fh:
       out.update({name: f for name in fh.keys()})
   return out
+
+
+@contextlib.contextmanager
+def open_safetensors(file: pathlib.Path) -> Iterator[Any]:
+  """``safe_open(file)``, with a message that names a truncated or damaged file."""
+  from safetensors import SafetensorError, safe_open
+
+  try:
+    with safe_open(file, framework="flax") as fh:
+      yield fh
+  except SafetensorError as err:
+    raise InputError(f"{file} is not a complete safetensors file ({err}); it is truncated or damaged: download "
+                     f"or save the model again.") from None
 
 
 def config_from_pretrained(path_or_hub_id: str | os.PathLike) -> LlamaConfig:
@@ -145,8 +158,6 @@ def load_weights(directory: pathlib.Path, config: LlamaConfig, *, build: Callabl
   LLaMA-layout architecture with its own config.json (another ``model_type``)
   loads its weights with it. Arguments and errors as :func:`from_pretrained`.
   """
-  from safetensors import safe_open
-
   abstract = nnx.eval_shape(lambda: build(config, dtype=dtype, param_dtype=param_dtype, remat=remat))
   graphdef, shapes = split(abstract)
   names = flax_path(shapes)
@@ -169,7 +180,7 @@ def load_weights(directory: pathlib.Path, config: LlamaConfig, *, build: Callabl
   for name in names:
     by_file.setdefault(files[name], []).append(name)
   for file, file_names in by_file.items():
-    with safe_open(file, framework="flax") as fh:
+    with open_safetensors(file) as fh:
       for name in file_names:
         path = names[name]
         want = tuple(_get(shapes, path).shape)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from elsa_jax.models.gguf_file import open_gguf
 from elsa_jax.models.llama.config import LlamaConfig
 from elsa_jax.models.llama.convert import _get, _set
 from elsa_jax.models.llama.model import Llama, merge, split
@@ -88,12 +89,7 @@ def config_from_gguf(reader) -> LlamaConfig:
 
 def config_from_gguf_file(path: str | os.PathLike) -> LlamaConfig:
   """The :class:`LlamaConfig` of a GGUF file, from its metadata (no tensor is read)."""
-  import gguf
-
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"no such GGUF file: {str(path)!r}.")
-  return config_from_gguf(gguf.GGUFReader(path))
+  return config_from_gguf(open_gguf(path))
 
 
 def from_gguf(path: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
@@ -107,9 +103,7 @@ def from_gguf(path: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
   import gguf
 
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"no such GGUF file: {str(path)!r}.")
-  reader = gguf.GGUFReader(path)
+  reader = open_gguf(path)
   config = config_from_gguf(reader)
   abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, param_dtype=param_dtype, remat=remat))
   graphdef, shapes = split(abstract)
