@@ -185,13 +185,18 @@ def check_output_dir(path: pathlib.Path, overwrite: bool) -> None:
 
 
 def export(model: LoadedModel, params: Any, out: str | pathlib.Path, *, overwrite: bool = False,
-           extra: dict[str, Any] | None = None) -> pathlib.Path:
-  """Writes an HF directory (config, safetensors, tokenizer, sparsity report) atomically."""
+           extra: dict[str, Any] | None = None, sparse_format: str = "dense") -> pathlib.Path:
+  """Writes an HF directory (config, safetensors, tokenizer, sparsity report) atomically.
+
+  ``sparse_format`` is :func:`elsa_jax.models.save_pretrained`'s: "dense" or "bitmask" (compact).
+  """
   out = pathlib.Path(out)
   check_output_dir(out, overwrite)
+  models.safetensors_dir.check_sparse_format(sparse_format)
   host_params = jax.device_get(params)
   with atomic_directory(out) as tmp:
-    models.save_pretrained((model.graphdef, host_params), model.config, tmp, overwrite=True)
+    models.save_pretrained((model.graphdef, host_params), model.config, tmp, overwrite=True,
+                           sparse_format=sparse_format)
     model.tokenizer.save_pretrained(tmp)
     report = finalize_lib.sparsity_report(host_params, model.architecture.prunable)
     info = {"source_model": model.source, "sparsity_report": report}
@@ -420,8 +425,9 @@ def evaluate(model: str = DEFAULT_MODEL, eval_text: str = DEFAULT_TEXT, *, seqle
 
 
 def export_run(run_dir: str | pathlib.Path, output: str | pathlib.Path | None = None, *,
-               overwrite: bool = False) -> pathlib.Path:
-  """Finalizes the latest checkpoint of a run and writes it as an HF model."""
+               overwrite: bool = False, sparse_format: str = "dense") -> pathlib.Path:
+  """Finalizes the latest checkpoint of a run and writes it as an HF model (``sparse_format``: see :func:`export`)."""
+  models.safetensors_dir.check_sparse_format(sparse_format)
   run_dir = pathlib.Path(run_dir)
   config_path = run_dir / "checkpoints" / "run_config.json"
   if not config_path.exists():
@@ -448,4 +454,5 @@ def export_run(run_dir: str | pathlib.Path, output: str | pathlib.Path | None = 
   if step == 0:
     raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no finished checkpoint yet.")
   pruned = finalize_lib.finalize(params, opt_state)  # the run's target, from its state
-  return export(loaded, pruned, out, overwrite=overwrite, extra={"checkpoint_step": step})
+  return export(loaded, pruned, out, overwrite=overwrite, extra={"checkpoint_step": step},
+                sparse_format=sparse_format)

@@ -150,8 +150,9 @@ class _CompactSlice:
     rows, cols = entry["shape"]
     try:
       values = self._parts["values" if entry["format"] == "bitmask" else "nm_values"]
-      if values[0:0].dtype.name != entry["dtype"]:
-        raise sf.SparseFormatError(f"values are {values[0:0].dtype.name} but the layout says {entry['dtype']}")
+      self._dtype = values[0:0].dtype
+      if self._dtype.name != entry["dtype"]:
+        raise sf.SparseFormatError(f"values are {self._dtype.name} but the layout says {entry['dtype']}")
       if entry["format"] == "bitmask":
         mask = self._parts["bitmask"][:]
         if mask.shape[:1] != (rows,) or len(values.get_shape()) != 1:
@@ -173,12 +174,19 @@ class _CompactSlice:
   def get_dtype(self) -> str:
     return self._parts["values" if self._entry["format"] == "bitmask" else "nm_values"].get_dtype()
 
+  def _read(self, part: str, start: int, stop: int) -> np.ndarray:
+    """Entries ``start:stop`` of a part (safetensors refuses an empty slice at the end)."""
+    if stop > start:
+      return self._parts[part][start:stop]
+    shape = [0] + self._parts[part].get_shape()[1:]
+    return np.zeros(shape, self._dtype if part in ("values", "nm_values") else np.uint8)
+
   def _rows(self, start: int, stop: int) -> np.ndarray:
     entry, cols = self._entry, self._entry["shape"][1]
     if entry["format"] == "bitmask":
-      values = self._parts["values"][int(self._offsets[start]):int(self._offsets[stop])]
+      values = self._read("values", int(self._offsets[start]), int(self._offsets[stop]))
       return sf.scatter(sf.unpack_bitmask(self._mask[start:stop], cols), values)
-    return sf.decode_nm(self._parts["nm_values"][start:stop], self._parts["nm_index"][start:stop],
+    return sf.decode_nm(self._read("nm_values", start, stop), self._read("nm_index", start, stop),
                         entry["n"], entry["m"], cols)
 
   def __getitem__(self, index: Any) -> np.ndarray:
