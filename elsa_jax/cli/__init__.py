@@ -12,6 +12,6 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 # ==============================================================================
-"""The command line (``elsa-jax prune | eval | export``) and the jobs behind it."""
+"""The command line (``elsa-jax prune | eval | export | densify``) and the jobs behind it."""
 
 from elsa_jax.cli.commands import main

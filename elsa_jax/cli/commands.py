@@ -12,7 +12,7 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 # ==============================================================================
-"""Command line: ``elsa-jax prune | eval | export``.
+"""Command line: ``elsa-jax prune | eval | export | densify``.
 
 ``elsa-jax prune`` with no arguments prunes the built-in SmolLM2-135M to 50%
 on the built-in text with the preset for the backend it finds (``cpu``: about
@@ -166,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("--run-dir", required=True)
   x.add_argument("--output", help="default: RUN_DIR/model")
   x.add_argument("--overwrite", action="store_true")
+  x.add_argument("--format", choices=("dense", "bitmask"), default="dense",
+                 help="dense (default: plain HF weights every runtime reads) | bitmask (each pruned matrix as a "
+                      "bitmask + its nonzeros, or N:M values + indices, whichever is smaller; "
+                      "elsa-jax densify turns it back)")
+
+  d = sub.add_parser("densify", help="turn a compact (--format bitmask) model directory into a plain dense HF one")
+  d.add_argument("input", help="the compact HF directory")
+  d.add_argument("output", help="the dense HF directory to write")
+  d.add_argument("--overwrite", action="store_true")
+  d.add_argument("--max-shard-size", default="5GB", help="shard the weights above this size (default 5GB)")
   return parser
 
 
@@ -180,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
       from elsa_jax.run import distributed
 
       distributed.initialize()
+    if args.command == "densify":  # numpy and safetensors only
+      from elsa_jax.models import safetensors_dir
+
+      path = safetensors_dir.densify_directory(args.input, args.output, max_shard_size=args.max_shard_size,
+                                               overwrite=args.overwrite)
+      print(f"wrote {path}")
+      return 0
     from elsa_jax.cli import jobs as pipeline
 
     if args.command == "prune":
@@ -191,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                                  text_field=args.text_field, compute_dtype=args.compute_dtype)
       print(output.dumps(result, indent=2))
     elif args.command == "export":
-      path = pipeline.export_run(args.run_dir, args.output, overwrite=args.overwrite)
+      path = pipeline.export_run(args.run_dir, args.output, overwrite=args.overwrite, sparse_format=args.format)
       print(f"wrote {path}")
     else:
       parser.print_help()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import pathlib
@@ -248,21 +247,25 @@ def check_finite_weights(params: Any, what: str) -> None:
 
 
 def export(model: LoadedModel, params: Any, out: str | pathlib.Path, *, overwrite: bool = False,
-           extra: dict[str, Any] | None = None) -> pathlib.Path:
+           extra: dict[str, Any] | None = None, sparse_format: str = "dense") -> pathlib.Path:
   """Writes an HF directory (config, safetensors, tokenizer, sparsity report) atomically.
+
+  ``sparse_format`` is :func:`elsa_jax.models.save_pretrained`'s: "dense" or "bitmask" (compact).
 
   Raises:
     OSError: the directory could not be written (a full disk...); nothing is left at ``out``.
   """
   out = pathlib.Path(out)
   check_output_dir(out, overwrite)
+  models.safetensors_dir.check_sparse_format(sparse_format)
   check_writable(out)
   host_params = jax.device_get(params)
   from safetensors import SafetensorError
 
   try:
     with atomic_directory(out) as tmp:
-      models.save_pretrained((model.graphdef, host_params), model.config, tmp, overwrite=True)
+      models.save_pretrained((model.graphdef, host_params), model.config, tmp, overwrite=True,
+                             sparse_format=sparse_format)
       model.tokenizer.save_pretrained(tmp)
       report = finalize_lib.sparsity_report(host_params, model.architecture.prunable)
       info = {"source_model": model.source, "sparsity_report": report}
@@ -518,8 +521,9 @@ def evaluate(model: str = DEFAULT_MODEL, eval_text: str = DEFAULT_TEXT, *, seqle
 
 
 def export_run(run_dir: str | pathlib.Path, output: str | pathlib.Path | None = None, *,
-               overwrite: bool = False) -> pathlib.Path:
-  """Finalizes the latest checkpoint of a run and writes it as an HF model."""
+               overwrite: bool = False, sparse_format: str = "dense") -> pathlib.Path:
+  """Finalizes the latest checkpoint of a run and writes it as an HF model (``sparse_format``: see :func:`export`)."""
+  models.safetensors_dir.check_sparse_format(sparse_format)
   run_dir = pathlib.Path(run_dir).resolve()
   run_config = checkpoint_lib.saved_config(run_dir / "checkpoints")
   if run_config is None:
@@ -528,7 +532,7 @@ def export_run(run_dir: str | pathlib.Path, output: str | pathlib.Path | None = 
   out = pathlib.Path(output) if output else run_dir / "model"
   check_output_dir(out, overwrite)
   with lock_lib.RunLock(run_dir, flag="--run-dir"):  # no run writes these checkpoints meanwhile
-    return _export_locked(run_dir, run_config, out, overwrite=overwrite)
+    return _export_locked(run_dir, run_config, out, overwrite=overwrite, sparse_format=sparse_format)
 
 
 def _check_calibration_unchanged(run_config: dict[str, Any]) -> None:
@@ -540,7 +544,7 @@ def _check_calibration_unchanged(run_config: dict[str, Any]) -> None:
 
 
 def _export_locked(run_dir: pathlib.Path, run_config: dict[str, Any], out: pathlib.Path, *,
-                   overwrite: bool) -> pathlib.Path:
+                   overwrite: bool, sparse_format: str) -> pathlib.Path:
   """:func:`export_run` once the run folder is locked."""
   cfg = train.ElsaConfig(**{k: v for k, v in run_config.items()
                             if k in {f.name for f in dataclasses.fields(train.ElsaConfig)}})
@@ -564,4 +568,5 @@ def _export_locked(run_dir: pathlib.Path, run_config: dict[str, Any], out: pathl
     raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no finished checkpoint yet.")
   pruned = finalize_lib.finalize(params, opt_state)  # the run's target, from its state
   check_finite_weights(pruned, f"the weights of checkpoint step {step} in {run_dir / 'checkpoints'}")
-  return export(loaded, pruned, out, overwrite=overwrite, extra={"checkpoint_step": step})
+  return export(loaded, pruned, out, overwrite=overwrite, extra={"checkpoint_step": step},
+                sparse_format=sparse_format)

@@ -26,6 +26,9 @@ from elsa_jax.models import gguf_tokenizer
 from elsa_jax.models import hf
 from elsa_jax.models import llama
 from elsa_jax.models import registry
+from elsa_jax.models import safetensors_dir
+from elsa_jax.models import sparse_format
+from elsa_jax.models.safetensors_dir import SPARSE_FORMATS, compact_directory, densify_directory
 from elsa_jax.models.base import REMAT_POLICIES, Architecture, merge, remat_policy, split
 from elsa_jax.models.registry import (
     ARCHITECTURES,

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 from typing import Any
 
 import jax.numpy as jnp
@@ -46,6 +47,7 @@ from flax import nnx
 
 from elsa_jax.models import hf
 from elsa_jax.models import llama
+from elsa_jax.models import safetensors_dir
 from elsa_jax.models.base import Architecture, merge
 from elsa_jax.models.gguf_file import open_gguf
 from elsa_jax.models.gguf_tokenizer import from_gguf as tokenizer_from_gguf  # any architecture's GGUF
@@ -140,13 +142,36 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtyp
   return arch.from_pretrained(directory, dtype=dtype, param_dtype=param_dtype, shardings=shardings)
 
 
-def save_pretrained(model: Any, config: Any, path: str | os.PathLike, **kwargs) -> pathlib.Path:
+def save_pretrained(model: Any, config: Any, path: str | os.PathLike, *, sparse_format: str = "dense",
+                    **kwargs) -> pathlib.Path:
   """Writes ``model`` (an NNX model or ``(graphdef, params)``) as an HF directory, by its architecture.
 
-  ``kwargs`` (``dtype``, ``overwrite``, ...) go to the architecture's ``save_pretrained``.
+  Args:
+    model: the model.
+    config: its config.
+    path: the output directory.
+    sparse_format: "dense" (the default: plain HF weights every runtime reads) or "bitmask": each
+      matrix stored in the fewest bytes of dense, bitmask + nonzero values, or N:M values + indices,
+      the layout in config.json (:mod:`elsa_jax.models.safetensors_dir`). :func:`from_pretrained`
+      reads both; :func:`elsa_jax.models.safetensors_dir.densify_directory` turns the compact one
+      back into a dense one.
+    **kwargs: ``dtype``, ``overwrite``, ``max_shard_size``, ... of the architecture's ``save_pretrained``.
+
+  Raises:
+    ValueError: an unknown ``sparse_format``.
+    FileExistsError: ``path`` is not empty and not ``overwrite``.
   """
   arch = architecture_of(model[0] if isinstance(model, tuple) else model)
-  return arch.save_pretrained(model, config, path, **kwargs)
+  if safetensors_dir.check_sparse_format(sparse_format) == "dense":
+    return arch.save_pretrained(model, config, path, **kwargs)
+  path = pathlib.Path(path)
+  if path.exists() and (not path.is_dir() or any(path.iterdir())) and not kwargs.get("overwrite", False):
+    raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True or choose another directory.")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(prefix=f".{path.name}.dense.", dir=path.parent) as dense:
+    arch.save_pretrained(model, config, dense, **{**kwargs, "overwrite": True})
+    return safetensors_dir.compact_directory(dense, path, overwrite=True,
+                                             max_shard_size=kwargs.get("max_shard_size", "5GB"))
 
 
 def _gguf_architecture(reader: Any, path: pathlib.Path) -> Architecture:

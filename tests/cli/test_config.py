@@ -145,7 +145,10 @@ def test_a_run_writes_the_old_run_config_summary_and_lines(tiny_run, tmp_path, c
   assert commands.main(["prune", *flags, "--output", str(out)]) == 0
   written = json.loads((out / "checkpoints" / "run_config.json").read_text())
   environment = written.pop("environment")  # recorded beside the configuration, not compared on resume
-  assert written == {**want, "model": str(model_dir), "calib": str(calib)}
+  fingerprints = written.pop("fingerprints")  # the inputs' contents, compared on resume
+  assert set(fingerprints) == {"model", "calib"}
+  assert fingerprints["calib"]["path"] == str(calib.resolve())
+  assert written == {**want, "model": str(model_dir.resolve()), "calib": str(calib.resolve())}
   summary = json.loads((out / "summary.json").read_text())
   assert list(summary) == ["model", "method", "config", "eval_seqlen", "init_method", "environment", "dense_ppl",
                            "magnitude_ppl", "train_tokens_per_second", "final_metrics", "elsa_ppl", "sparsity",

@@ -288,3 +288,37 @@ def test_separate_z_update_program_keeps_the_trajectory(tiny_run):
   chex.assert_trees_all_close(jax.device_get(sep.params), jax.device_get(fused.params), atol=1e-6)
   a, b = (elsa_jax.find_admm_state(r.opt_state) for r in (sep, fused))
   chex.assert_trees_all_close((a.z, a.u), (b.z, b.u), atol=1e-6)
+
+
+def test_export_bitmask_then_densify_from_the_command_line(tiny_run, tmp_path, capsys):
+  import torch
+  from transformers import AutoTokenizer, LlamaForCausalLM
+
+  from elsa_jax.cli import commands
+  from elsa_jax.oneshot.magnitude import magnitude_prune_tree
+
+  parser = commands.build_parser()
+  assert parser.parse_args(["export", "--run-dir", "r"]).format == "dense"
+  assert parser.parse_args(["export", "--run-dir", "r", "--format", "bitmask"]).format == "bitmask"
+  with pytest.raises(SystemExit) as exit_code:
+    parser.parse_args(["export", "--run-dir", "r", "--format", "csr"])
+  assert exit_code.value.code == 2
+  with pytest.raises(ValueError, match="sparse_format 'csr'"):
+    pipeline.export_run(tmp_path / "no-run", sparse_format="csr")
+
+  loaded = pipeline.load_model(str(tiny_run[1]))
+  pruned = magnitude_prune_tree(loaded.params, sparsity=0.7, prunable=loaded.architecture.prunable)
+  dense = pipeline.export(loaded, pruned, tmp_path / "dense")
+  compact = pipeline.export(loaded, pruned, tmp_path / "compact", sparse_format="bitmask")
+  assert (compact / "elsa_jax.json").exists() and AutoTokenizer.from_pretrained(compact)
+  again = pipeline.load_model(str(compact))  # the jobs read a compact directory like a dense one
+  chex.assert_trees_all_equal(again.params, jax.device_get(pruned))
+
+  assert commands.main(["densify", str(compact), str(tmp_path / "densified")]) == 0
+  assert commands.main(["densify", str(dense), str(tmp_path / "twice")]) == 2
+  assert "already dense" in capsys.readouterr().err and not (tmp_path / "twice").exists()
+  ids = torch.from_numpy(np.random.default_rng().integers(0, loaded.config.vocab_size, size=(2, 16)))
+  with torch.no_grad():
+    ref = LlamaForCausalLM.from_pretrained(dense).eval()(ids).logits.numpy()
+    got = LlamaForCausalLM.from_pretrained(tmp_path / "densified").eval()(ids).logits.numpy()
+  np.testing.assert_array_equal(got, ref)

@@ -21,12 +21,11 @@ exact in any dtype.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,9 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elsa_jax.errors import InputError
 from elsa_jax.files import atomic_directory
 from elsa_jax.models import hf
+from elsa_jax.models.safetensors_dir import natural_key as _natural_key
+from elsa_jax.models.safetensors_dir import open_checkpoint
+from elsa_jax.models.safetensors_dir import parse_size as _parse_size
 from elsa_jax.models.llama.config import LlamaConfig
 from elsa_jax.models.llama.model import Llama, merge, split
 
@@ -71,36 +72,6 @@ def _get(tree: dict, path: tuple) -> Any:
   for k in path:
     tree = tree[k]
   return tree
-
-
-def _tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
-  """Tensor name -> safetensors file, from the shard index if there is one."""
-  index = directory / "model.safetensors.index.json"
-  if index.exists():
-    weight_map = hf.read_json(index)["weight_map"]
-    return {name: directory / file for name, file in weight_map.items()}
-  files = sorted(directory.glob("*.safetensors"))
-  if not files:
-    raise FileNotFoundError(f"{directory} holds no *.safetensors weights (PyTorch .bin checkpoints are "
-                            f"not read; re-save the model with safe_serialization=True).")
-  out = {}
-  for f in files:
-    with open_safetensors(f) as fh:
-      out.update({name: f for name in fh.keys()})
-  return out
-
-
-@contextlib.contextmanager
-def open_safetensors(file: pathlib.Path) -> Iterator[Any]:
-  """``safe_open(file)``, with a message that names a truncated or damaged file."""
-  from safetensors import SafetensorError, safe_open
-
-  try:
-    with safe_open(file, framework="flax") as fh:
-      yield fh
-  except SafetensorError as err:
-    raise InputError(f"{file} is not a complete safetensors file ({err}); it is truncated or damaged: download "
-                     f"or save the model again.") from None
 
 
 def config_from_pretrained(path_or_hub_id: str | os.PathLike) -> LlamaConfig:
@@ -161,7 +132,8 @@ def load_weights(directory: pathlib.Path, config: LlamaConfig, *, build: Callabl
   abstract = nnx.eval_shape(lambda: build(config, dtype=dtype, param_dtype=param_dtype, remat=remat))
   graphdef, shapes = split(abstract)
   names = flax_path(shapes)
-  files = _tensor_files(directory)
+  checkpoint = open_checkpoint(directory)  # dense, or compact sparse (decoded a slice at a time)
+  files = checkpoint.files
   missing = sorted(set(names) - set(files))
   if missing:
     raise ValueError(f"{directory} lacks tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} that a "
@@ -180,7 +152,7 @@ def load_weights(directory: pathlib.Path, config: LlamaConfig, *, build: Callabl
   for name in names:
     by_file.setdefault(files[name], []).append(name)
   for file, file_names in by_file.items():
-    with open_safetensors(file) as fh:
+    with checkpoint.open(file) as fh:
       for name in file_names:
         path = names[name]
         want = tuple(_get(shapes, path).shape)
@@ -209,15 +181,6 @@ def _load_sharded(tensor_slice, shape, sharding, transpose: bool, dtype) -> jax.
     return np.asarray(tensor_slice[index]).astype(dtype)
 
   return jax.make_array_from_callback(shape, sharding, read)
-
-
-def _parse_size(size: int | str) -> int:
-  if isinstance(size, int):
-    return size
-  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
-  if not m:
-    raise ValueError(f"max_shard_size {size!r} is not a size such as '5GB' or '200MB'.")
-  return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 
 def save_pretrained(model: Llama | tuple[Any, dict], config: LlamaConfig, path: str | os.PathLike, *,
@@ -285,7 +248,3 @@ def save_pretrained(model: Llama | tuple[Any, dict], config: LlamaConfig, path: 
       (tmp / "model.safetensors.index.json").write_text(
           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
   return path
-
-
-def _natural_key(name: str):
-  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
