@@ -14,17 +14,22 @@
 # ==============================================================================
 """Model architectures (Flax NNX), their registry, and their conversion from/to Hugging Face and GGUF files.
 
-An architecture is a subpackage (``llama/``) exposing an
+An architecture is a module or subpackage (``llama/``, ``qwen2``, ``qwen3``,
+``mistral``, ``gemma/``) exposing an
 :class:`~elsa_jax.models.base.Architecture`, registered by ``model_type`` in
 :data:`~elsa_jax.models.registry.ARCHITECTURES`. The functions below pick it
 from the file or the object they are given.
 """
 
 from elsa_jax.models import base
+from elsa_jax.models import gemma
 from elsa_jax.models import gguf_file
 from elsa_jax.models import gguf_tokenizer
 from elsa_jax.models import hf
 from elsa_jax.models import llama
+from elsa_jax.models import mistral
+from elsa_jax.models import qwen2
+from elsa_jax.models import qwen3
 from elsa_jax.models import registry
 from elsa_jax.models import safetensors_dir
 from elsa_jax.models import sparse_format

@@ -14,8 +14,9 @@
 # ==============================================================================
 """What an architecture provides: :class:`Architecture`, a frozen dataclass of functions.
 
-An architecture is a subpackage ``elsa_jax.models.<arch>/`` that builds an
-``ARCHITECTURE = Architecture(...)`` from its own functions, plus one line in
+An architecture is a module or subpackage ``elsa_jax.models.<arch>`` that builds an
+``ARCHITECTURE = Architecture(...)`` from its own functions (or LLaMA's, see
+:func:`elsa_jax.models.llama.architecture.family_architecture`), plus one line in
 :data:`elsa_jax.models.registry.ARCHITECTURES`. Everything above ``models/``
 (the one-shot layer walk, the memory predictor, the train step, the jobs)
 reaches the model only through these fields, so none of it names an
@@ -111,8 +112,9 @@ class Architecture:
       layer's params, in order.
     replace_decoder_layers: ``replace_decoder_layers(params, layers) ->
       params``, the inverse (a new tree; ``params`` is not modified).
-    layer_graphdef: ``layer_graphdef(graphdef, params) -> graphdef`` of one
-      decoder layer (all layers share it).
+    layer_graphdefs: ``layer_graphdefs(graphdef, params) -> list`` of the
+      graphdef of every decoder layer (equal for layers of one kind; a family
+      with alternating local and global layers has two).
     layer_forward: ``layer_forward(layer, hidden) -> (hidden, inputs)``: one
       layer module on ``hidden [B, T, D]``, with the input of each of its
       linear maps keyed like ``linear_inputs``' values.
@@ -136,7 +138,7 @@ class Architecture:
   embed: Callable[..., jax.Array]
   decoder_layers: Callable[[dict], list]
   replace_decoder_layers: Callable[[dict, list], dict]
-  layer_graphdef: Callable[[Any, dict], Any]
+  layer_graphdefs: Callable[[Any, dict], list]
   layer_forward: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
   linear_inputs: Mapping[tuple[str, ...], str]
   prunable: Callable[[tuple, Any], bool]

@@ -32,7 +32,7 @@ Example:
   >>> models.architecture("gpt2")
   Traceback (most recent call last):
   ...
-  ValueError: model_type 'gpt2' is not supported; elsa_jax.models supports: llama. ...
+  ValueError: model_type 'gpt2' is not supported; elsa_jax.models supports: gemma2, gemma3_text, llama, mistral, ...
 """
 
 from __future__ import annotations
@@ -45,8 +45,12 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from elsa_jax.models import gemma
 from elsa_jax.models import hf
 from elsa_jax.models import llama
+from elsa_jax.models import mistral
+from elsa_jax.models import qwen2
+from elsa_jax.models import qwen3
 from elsa_jax.models import safetensors_dir
 from elsa_jax.models.base import Architecture, merge
 from elsa_jax.models.gguf_file import open_gguf
@@ -55,6 +59,18 @@ from elsa_jax.models.gguf_tokenizer import from_gguf as tokenizer_from_gguf  # a
 #: HF ``model_type`` -> its architecture.
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": llama.ARCHITECTURE,
+    "qwen2": qwen2.ARCHITECTURE,
+    "qwen3": qwen3.ARCHITECTURE,
+    "mistral": mistral.ARCHITECTURE,
+    "gemma2": gemma.GEMMA2,
+    "gemma3_text": gemma.GEMMA3_TEXT,
+}
+
+#: ``model_type`` values refused with a pointer to what to load instead.
+REFUSED = {
+    "gemma3": ("a Gemma 3 image-text checkpoint (Gemma3ForConditionalGeneration, a text_config and a vision "
+               "tower); elsa_jax prunes Gemma 3's text model (model_type 'gemma3_text'). Save the text model "
+               "alone with transformers (Gemma3ForCausalLM) or choose a text-only Gemma 3 (gemma-3-1b)"),
 }
 
 #: The ``model_type`` of a config.json that names none (exports of early transformers versions).
@@ -71,8 +87,10 @@ def architecture(model_type: str, *, source: str | os.PathLike | None = None) ->
   Raises:
     ValueError: for a ``model_type`` with no architecture (naming ``source``, the file it came from).
   """
+  where = f" ({source})" if source is not None else ""
+  if model_type in REFUSED:
+    raise ValueError(f"model_type {model_type!r}{where} is {REFUSED[model_type]}.")
   if model_type not in ARCHITECTURES:
-    where = f" ({source})" if source is not None else ""
     raise ValueError(
         f"model_type {model_type!r}{where} is not supported; elsa_jax.models supports: {_supported()}. "
         f"Choose a checkpoint of one of these, or register its architecture in "

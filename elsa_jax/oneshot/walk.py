@@ -74,19 +74,9 @@ def calibration_statistics(graphdef: Any, params: dict, windows: np.ndarray, *, 
   return stats
 
 
-def _layer_walk(arch, graphdef, params, windows, *, batch_size, compute_dtype,
-                prune_layer: Callable | None = None):
-  """Yields ``(index, stats, layer_params)`` per layer; ``prune_layer`` rewrites a layer before moving on."""
-  windows = np.asarray(windows, np.int32)
-  n, t = windows.shape
-  if n % batch_size:
-    batch_size = max(d for d in range(1, batch_size + 1) if n % d == 0)
-  layer_gd = arch.layer_graphdef(graphdef, params)
+def _layer_steps(arch, layer_gd, compute_dtype) -> tuple[Callable, Callable]:
+  """Jitted ``(stats, forward)`` of the decoder layers of graphdef ``layer_gd`` on batches of hidden states."""
   cast = lambda tree: jax.tree.map(lambda p: p.astype(compute_dtype), tree)
-
-  @jax.jit
-  def embed(params, ids):
-    return arch.embed(params, ids, compute_dtype)
 
   @jax.jit
   def layer_stats(layer_params, hidden):
@@ -106,10 +96,38 @@ def _layer_walk(arch, graphdef, params, windows, *, batch_size, compute_dtype,
     layer = nnx.merge(layer_gd, cast(layer_params))
     return jax.lax.map(lambda x: arch.layer_forward(layer, x)[0], hidden)
 
+  return layer_stats, layer_forward
+
+
+def _layer_walk(arch, graphdef, params, windows, *, batch_size, compute_dtype,
+                prune_layer: Callable | None = None):
+  """Yields ``(index, stats, layer_params)`` per layer; ``prune_layer`` rewrites a layer before moving on.
+
+  Layers of one graphdef (one layer type) share one compilation.
+  """
+  windows = np.asarray(windows, np.int32)
+  n, t = windows.shape
+  if n % batch_size:
+    batch_size = max(d for d in range(1, batch_size + 1) if n % d == 0)
+  compiled: list[tuple[Any, tuple[Callable, Callable]]] = []  # graphdefs are comparable, not hashable
+
+  def steps(layer_gd):
+    for known, fns in compiled:
+      if known == layer_gd:
+        return fns
+    compiled.append((layer_gd, _layer_steps(arch, layer_gd, compute_dtype)))
+    return compiled[-1][1]
+
+  @jax.jit
+  def embed(params, ids):
+    return arch.embed(params, ids, compute_dtype)
+
   ids = jnp.asarray(windows.reshape(n // batch_size, batch_size, t))
   hidden = jax.lax.map(lambda b: embed(params, b), ids)
   layers = arch.decoder_layers(params)
+  layer_gds = arch.layer_graphdefs(graphdef, params)
   for i, layer_params in enumerate(layers):
+    layer_stats, layer_forward = steps(layer_gds[i])
     stats = layer_stats(layer_params, hidden)
     if prune_layer is not None:
       layer_params = prune_layer(i, layer_params, stats)

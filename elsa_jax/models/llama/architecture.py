@@ -14,6 +14,10 @@
 # ==============================================================================
 """LLaMA as an :class:`elsa_jax.models.base.Architecture`: what the rest of the package sees of it.
 
+:func:`family_architecture` gives the same for a family that shares LLaMA's
+parameter tree and HF tensor names (Qwen2, Qwen3, Mistral, Gemma): its own
+model, config and loaders, LLaMA's layer walk, prunable set and writer.
+
 Example:
   >>> from elsa_jax.models import llama
   >>> llama.ARCHITECTURE.model_type, llama.LINEAR_INPUTS[("mlp", "down_proj")]
@@ -22,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -31,7 +36,7 @@ from flax import nnx
 from elsa_jax.models.base import Architecture, merge
 from elsa_jax.sparsity.prunable import path_names
 from elsa_jax.models.llama.config import LlamaConfig
-from elsa_jax.models.llama.convert import from_pretrained, save_pretrained
+from elsa_jax.models.llama.convert import from_pretrained, pretrained_loader, save_pretrained
 from elsa_jax.models.llama.gguf import config_from_gguf, from_gguf
 from elsa_jax.models.llama.model import Llama, apply, logical_axes
 
@@ -67,9 +72,9 @@ def replace_decoder_layers(params: dict, new_layers: list) -> dict:
   return out
 
 
-def layer_graphdef(graphdef: Any, params: dict) -> Any:
-  """The graphdef of one :class:`LlamaDecoderLayer` (every layer has the same)."""
-  return nnx.split(merge(graphdef, params).layers[0])[0]
+def layer_graphdefs(graphdef: Any, params: dict) -> list:
+  """The graphdef of every decoder layer, in order (layers of one layer type share theirs)."""
+  return [nnx.split(layer)[0] for layer in merge(graphdef, params).layers]
 
 
 def layer_forward(layer: Any, hidden: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -93,6 +98,16 @@ def build(config: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, remat: bo
   return Llama(config, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers, rngs=rngs)
 
 
+def family_architecture(model_type: str, model_class: type, config_class: type, **fields) -> Architecture:
+  """:data:`ARCHITECTURE` for a family of LLaMA's layout: ``model_class`` (a :class:`Llama` subclass)
+  built from ``config_class`` (a :class:`LlamaConfig` subclass) and loaded from HF by them; ``fields``
+  replace others (its GGUF reader, its ``embed``). No GGUF reader unless given."""
+  base = dict(model_type=model_type, model_class=model_class, config_class=config_class, build=model_class,
+              config_from_hf=config_class.from_hf, from_pretrained=pretrained_loader(config_class, model_class),
+              config_from_gguf=None, from_gguf=None, gguf_architecture=None)
+  return dataclasses.replace(ARCHITECTURE, **dict(base, **fields))
+
+
 ARCHITECTURE = Architecture(
     model_type="llama",
     model_class=Llama,
@@ -106,7 +121,7 @@ ARCHITECTURE = Architecture(
     embed=embed,
     decoder_layers=decoder_layers,
     replace_decoder_layers=replace_decoder_layers,
-    layer_graphdef=layer_graphdef,
+    layer_graphdefs=layer_graphdefs,
     layer_forward=layer_forward,
     linear_inputs=LINEAR_INPUTS,
     prunable=prunable,

@@ -120,6 +120,21 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtyp
                       remat=remat, shardings=shardings)
 
 
+def pretrained_loader(config_class: type, model_class: type) -> Callable[..., tuple[Any, Any]]:
+  """The ``from_pretrained`` of a family with LLaMA's HF tensor layout: ``config_class`` reads its
+  config.json, ``model_class`` is built; arguments and errors as :func:`from_pretrained`."""
+
+  def from_pretrained(path_or_hub_id: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
+                      remat: bool = False, shardings: Any = None) -> tuple[Any, Any]:
+    directory = hf.resolve(path_or_hub_id)
+    return load_weights(directory, config_class.from_hf(hf.read_config(directory)), build=model_class,
+                        dtype=dtype, param_dtype=param_dtype, remat=remat, shardings=shardings)
+
+  from_pretrained.__doc__ = (f"Loads an HF {config_class.FAMILY} directory (or hub id) as a "
+                             f":class:`{model_class.__qualname__}`; see :func:`elsa_jax.models.llama.from_pretrained`.")
+  return from_pretrained
+
+
 def load_weights(directory: pathlib.Path, config: LlamaConfig, *, build: Callable[..., Llama] = Llama,
                  dtype=None, param_dtype=jnp.float32, remat: bool = False,
                  shardings: Any = None) -> tuple[Llama, LlamaConfig]:
@@ -137,11 +152,11 @@ def load_weights(directory: pathlib.Path, config: LlamaConfig, *, build: Callabl
   missing = sorted(set(names) - set(files))
   if missing:
     raise ValueError(f"{directory} lacks tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} that a "
-                     f"LLaMA with this config.json needs; the checkpoint is incomplete or of another model.")
+                     f"{config.FAMILY} with this config.json needs; the checkpoint is incomplete or of another model.")
   extra = sorted(n for n in set(files) - set(names)
                  if not _IGNORED.search(n) and not (n == "lm_head.weight" and config.tie_word_embeddings))
   if extra:
-    raise ValueError(f"{directory} holds tensor(s) {extra[:5]} that this LLaMA does not use; the config.json "
+    raise ValueError(f"{directory} holds tensor(s) {extra[:5]} that this {config.FAMILY} does not use; the config.json "
                      f"does not describe these weights (another architecture, or biases not declared).")
   params = jax.tree.map(lambda s: None, shapes)
   if shardings is not None:
@@ -185,13 +200,14 @@ def _load_sharded(tensor_slice, shape, sharding, transpose: bool, dtype) -> jax.
 
 def save_pretrained(model: Llama | tuple[Any, dict], config: LlamaConfig, path: str | os.PathLike, *,
                     dtype=None, max_shard_size: int | str = "5GB", overwrite: bool = False) -> pathlib.Path:
-  """Writes an HF directory (config.json + safetensors) that LlamaForCausalLM loads.
+  """Writes an HF directory (config.json + safetensors) that LlamaForCausalLM (the config's
+  ``HF_CLASS``: every family sharing LLaMA's tensor names) loads.
 
   The directory appears whole or not at all: it is written beside the target
   and renamed at the end.
 
   Args:
-    model: an NNX :class:`Llama` or ``(graphdef, params)``.
+    model: an NNX :class:`Llama` (or a subclass) or ``(graphdef, params)``.
     config: its config.
     path: the output directory (must not exist or be empty unless ``overwrite``).
     dtype: cast the weights to this dtype (default: keep theirs).

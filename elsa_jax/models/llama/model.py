@@ -12,18 +12,26 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 # ==============================================================================
-"""A Flax NNX LLaMA that reproduces Hugging Face's LlamaForCausalLM.
+"""A Flax NNX LLaMA that reproduces Hugging Face's LlamaForCausalLM, and the blocks other families share.
 
 Layout follows HF so that conversion is a transpose and nothing else: rotate-half
 RoPE on unscaled query/key projections, the softmax scale applied inside
 attention, RMSNorm in float32, SwiGLU MLP, tied or untied ``lm_head``. Linear
 kernels are ``[in, out]`` (HF's ``weight.T``). Every parameter carries logical
 axis names (:func:`logical_axes`) for sharding.
+
+The blocks (:class:`RMSNorm`, :class:`LlamaAttention`, :class:`LlamaMLP`,
+:class:`LlamaDecoderLayer`) and the model read their options from the config's
+block options (:class:`~elsa_jax.models.llama.config.LlamaConfig`): q/k/v and
+output biases, per-head q/k norms, a sliding window and RoPE base per layer
+type, the softmax scale, soft-capping, the activation, the norm's ``1 + w``
+form and the embedding scale. Qwen2, Qwen3 and Mistral are this model with
+their configs; Gemma adds its own decoder layer (:mod:`elsa_jax.models.gemma`).
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Any
 
 import jax
@@ -31,80 +39,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elsa_jax.models.base import REMAT_POLICIES, merge, remat_policy, split
-from elsa_jax.models.llama.config import LlamaConfig
+from elsa_jax.models.base import REMAT_POLICIES, merge, remat_policy, split  # noqa: F401  (re-exported)
+from elsa_jax.models.llama.attention import (  # noqa: F401  (re-exported)
+    ATTENTION_CHUNK,
+    apply_rope,
+    causal_attention,
+    rope_inv_freq,
+    rotate_half,
+    softcap,
+)
+from elsa_jax.models.llama.config import FULL, LlamaConfig
 
-#: Attention falls back to query chunks of this many tokens above it, so that
-#: the score matrix held at once is [batch, heads, chunk, seqlen].
-ATTENTION_CHUNK = 1024
-
-
-def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-  """RoPE inverse frequencies, with HF's 'linear' and 'llama3' scaling (float32)."""
-  d = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
-  scaling = config.rope_scaling
-  if not scaling:
-    return inv_freq.astype(np.float32)
-  factor = float(scaling["factor"])
-  if scaling["rope_type"] == "linear":
-    return (inv_freq / factor).astype(np.float32)
-  # llama3: long wavelengths divided by factor, short kept, a smooth blend between.
-  low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-  old_len = float(scaling["original_max_position_embeddings"])
-  wavelen = 2 * math.pi / inv_freq
-  out = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-  smooth = (old_len / wavelen - low) / (high - low)
-  smoothed = (1 - smooth) * out / factor + smooth * out
-  medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
-  return np.where(medium, smoothed, out).astype(np.float32)
-
-
-def rotate_half(x: jax.Array) -> jax.Array:
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([-x2, x1], axis=-1)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotate-half RoPE of ``x [B, T, heads, head_dim]`` at ``positions [B, T]``."""
-  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-  return x * cos + rotate_half(x) * sin
-
-
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk: int = ATTENTION_CHUNK) -> jax.Array:
-  """Causal grouped-query attention, ``q [B,T,N,H]``, ``k, v [B,T,K,H]`` -> ``[B,T,N,H]``.
-
-  On GPU in 16-bit it is cuDNN's flash attention through
-  ``jax.nn.dot_product_attention``. Elsewhere, sequences longer than ``chunk``
-  run as rematerialised query chunks so that no more than
-  ``[B, N, chunk, T]`` scores exist at once.
-  """
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  t = q.shape[1]
-  on_gpu = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-  if on_gpu or t <= chunk or t % chunk:
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                        implementation=None if on_gpu else "xla")
-  b, _, n, h = q.shape
-  groups = n // k.shape[2]
-  kf = jnp.repeat(k, groups, axis=2)
-  vf = jnp.repeat(v, groups, axis=2)
-  key_pos = jnp.arange(t)
-
-  @jax.checkpoint
-  def one_chunk(args):
-    qc, start = args
-    s = jnp.einsum("bqnh,bknh->bnqk", qc, kf, preferred_element_type=jnp.float32) * scale
-    mask = (start + jnp.arange(chunk))[:, None] >= key_pos[None, :]
-    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnqk,bknh->bqnh", p, vf)
-
-  qs = q.reshape(b, t // chunk, chunk, n, h).swapaxes(0, 1)
-  out = jax.lax.map(one_chunk, (qs, jnp.arange(0, t, chunk)))
-  return out.swapaxes(0, 1).reshape(b, t, n, h)
+#: HF's ``hidden_act`` names -> the MLP's gate activation (``gelu_pytorch_tanh`` is the tanh GELU).
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
 
 
 def _partitioned(init, names):
@@ -120,68 +70,95 @@ def _linear(din, dout, names, *, bias, dtype, param_dtype, rngs):
 
 
 class RMSNorm(nnx.Module):
-  """HF's LlamaRMSNorm: normalise in float32, cast back, then scale."""
+  """HF's LlamaRMSNorm: normalise in float32, cast back, then scale by ``w``.
 
-  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+  With ``unit_offset`` it is Gemma's: scale by ``1 + w`` in float32, then cast
+  (``w`` starts at zero).
+  """
+
+  def __init__(self, dim: int, eps: float, *, unit_offset: bool = False, param_dtype=jnp.float32):
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",), eager_sharding=False)
+    self.unit_offset = unit_offset
+    init = jnp.zeros if unit_offset else jnp.ones
+    self.scale = nnx.Param(init((dim,), param_dtype), out_sharding=("norm",), eager_sharding=False)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.unit_offset:
+      return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
     return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
-class LlamaAttention(nnx.Module):
+def norm(config: LlamaConfig, dim: int, param_dtype) -> RMSNorm:
+  """The family's RMSNorm over ``dim`` features."""
+  return RMSNorm(dim, config.rms_norm_eps, unit_offset=config.norm_unit_offset, param_dtype=param_dtype)
 
-  def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+
+class LlamaAttention(nnx.Module):
+  """Grouped-query self-attention with RoPE; the config's block options choose biases, q/k norms,
+  the scale and soft-cap, and (by ``layer_type``) the sliding window and RoPE base."""
+
+  def __init__(self, config: LlamaConfig, *, layer_type: str = FULL, dtype, param_dtype, rngs: nnx.Rngs):
     c = config
-    kw = dict(bias=c.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    qkv = dict(bias=c.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    self.q_proj = _linear(c.hidden_size, c.num_attention_heads * c.head_dim, ("embed", "q_heads"), **kw)
-    self.k_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), **kw)
-    self.v_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), **kw)
-    self.o_proj = _linear(c.num_attention_heads * c.head_dim, c.hidden_size, ("q_heads", "embed"), **kw)
+    self.q_proj = _linear(c.hidden_size, c.num_attention_heads * c.head_dim, ("embed", "q_heads"), **qkv)
+    self.k_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), **qkv)
+    self.v_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "kv_heads"), **qkv)
+    self.o_proj = _linear(c.num_attention_heads * c.head_dim, c.hidden_size, ("q_heads", "embed"),
+                          **dict(qkv, bias=c.o_bias))
+    self.q_norm = norm(c, c.head_dim, param_dtype) if c.qk_norm else None
+    self.k_norm = norm(c, c.head_dim, param_dtype) if c.qk_norm else None
+    self.layer_type = layer_type
     self.config = config
 
   def attend(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """Attention output before ``o_proj``, ``[B, T, heads * head_dim]`` (its input)."""
     b, t, _ = x.shape
+    c = self.config
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    inv_freq = rope_inv_freq(self.config)  # a trace-time constant
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = rope_inv_freq(c, self.layer_type)  # a trace-time constant
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    return causal_attention(q, k, v).reshape(b, t, self.num_heads * self.head_dim)
+    out = causal_attention(q, k, v, scale=c.attention_scale, sliding_window=c.attention_window(self.layer_type),
+                           logit_softcap=c.attention_softcap)
+    return out.reshape(b, t, self.num_heads * self.head_dim)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     return self.o_proj(self.attend(x, positions))
 
 
 class LlamaMLP(nnx.Module):
+  """The gated MLP: ``down(act(gate(x)) * up(x))``, ``act`` the config's (SwiGLU, or Gemma's GeGLU)."""
 
   def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     c = config
     kw = dict(bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.hidden_act = c.hidden_act
     self.gate_proj = _linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
     self.up_proj = _linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
     self.down_proj = _linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw)
 
   def hidden(self, x: jax.Array) -> jax.Array:
     """The gated activation that ``down_proj`` reads."""
-    return jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    return ACTIVATIONS[self.hidden_act](self.gate_proj(x)) * self.up_proj(x)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(self.hidden(x))
 
 
 class LlamaDecoderLayer(nnx.Module):
+  """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
-  def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
-    self.self_attn = LlamaAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+  def __init__(self, config: LlamaConfig, *, layer_type: str = FULL, dtype, param_dtype, rngs: nnx.Rngs):
+    self.input_layernorm = norm(config, config.hidden_size, param_dtype)
+    self.self_attn = LlamaAttention(config, layer_type=layer_type, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.post_attention_layernorm = norm(config, config.hidden_size, param_dtype)
     self.mlp = LlamaMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -203,8 +180,19 @@ class LlamaDecoderLayer(nnx.Module):
     return x, {"attn_in": h_attn, "attn_out": a, "mlp_in": h_mlp, "mlp_hidden": m}
 
 
+def layer_period(graphdefs: list) -> int:
+  """The smallest ``p`` such that layer ``i`` has the graphdef of layer ``i % p`` (alternating
+  local/global layers repeat with a period; identical layers have period 1)."""
+  n = len(graphdefs)
+  return next(p for p in range(1, n + 1) if all(graphdefs[i] == graphdefs[i % p] for i in range(n)))
+
+
 class Llama(nnx.Module):
   """LLaMA decoder with a language-model head; attribute names mirror HF's.
+
+  Also the model of every family that shares its blocks: a subclass with the
+  family's config (Qwen2, Qwen3, Mistral) and, for another block layout, its
+  own :attr:`decoder_layer` (Gemma).
 
   Args:
     config: the model's shape.
@@ -222,7 +210,8 @@ class Llama(nnx.Module):
       per-layer layout (``layers/0``, ``layers/1``, ...: conversion, export,
       per-matrix pruning and sharding rules are unchanged); the weights are
       stacked inside the step, in the compute dtype. XLA then compiles one
-      layer instead of all of them (compile time independent of depth).
+      layer (one period of alternating layer types) instead of all of them
+      (compile time independent of depth).
     rngs: initialisation randomness.
 
   Example:
@@ -235,6 +224,10 @@ class Llama(nnx.Module):
     >>> logits.shape, logits.dtype
     ((1, 8, 512), dtype('float32'))
   """
+
+  #: The class of the decoder layers (built with each layer's ``layer_type``); a family with another
+  #: block layout (Gemma) sets its own.
+  decoder_layer = LlamaDecoderLayer
 
   def __init__(self, config: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, remat: bool | str = False,
                scan_layers: bool = False, rngs: nnx.Rngs | None = None):
@@ -249,18 +242,18 @@ class Llama(nnx.Module):
         embedding_init=_partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")), rngs=rngs,
     )
     self.layers = nnx.List([
-        LlamaDecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        for _ in range(config.num_hidden_layers)
+        self.decoder_layer(config, layer_type=config.layer_type(i), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for i in range(config.num_hidden_layers)
     ])
-    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+    self.norm = norm(config, config.hidden_size, param_dtype)
     self.lm_head = None if config.tie_word_embeddings else _linear(
         config.hidden_size, config.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
-    """Token embeddings ``[B, T, hidden]`` in the compute dtype."""
+    """Token embeddings ``[B, T, hidden]`` in the compute dtype (times the config's ``embed_scale``)."""
     table = self.embed_tokens.embedding[...]
-    return jnp.take(table, input_ids, axis=0).astype(self.dtype or table.dtype)
+    return embed_tokens(table, input_ids, self.dtype or table.dtype, self.config.embed_scale)
 
   def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
     """The final normalised hidden states ``[B, T, hidden]``."""
@@ -269,35 +262,61 @@ class Llama(nnx.Module):
     x = self.embed(input_ids)
     if getattr(self, "scan_layers", False) and len(self.layers) > 1:
       return self.norm(self._scanned_layers(x, positions))
-    for layer in self.layers:
+    return self.norm(self._unrolled_layers(list(self.layers), x, positions))
+
+  def _unrolled_layers(self, layers: list, x: jax.Array, positions: jax.Array) -> jax.Array:
+    for layer in layers:
       if self.remat:
         x = nnx.remat(lambda mdl, h, p: mdl(h, p), policy=remat_policy(self.remat))(layer, x, positions)
       else:
         x = layer(x, positions)
-    return self.norm(x)
-
-  def _scanned_layers(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """The decoder layers as one ``lax.scan`` over their stacked weights."""
-    graphdef, _ = nnx.split(self.layers[0])
-    states = [nnx.split(layer)[1] for layer in self.layers]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-
-    def body(h, state):
-      return nnx.merge(graphdef, state)(h, positions), None
-
-    if self.remat:
-      body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, stacked)
     return x
 
+  def _scanned_layers(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """The decoder layers as one ``lax.scan`` over their stacked weights.
+
+    Layers that differ (alternating local and global attention) are scanned in
+    groups of one period of the pattern (:func:`layer_period`); the layers past
+    the last whole group run unrolled after the scan.
+    """
+    splits = [nnx.split(layer) for layer in self.layers]
+    graphdefs = [graphdef for graphdef, _ in splits]
+    period = layer_period(graphdefs)
+    groups = len(splits) // period
+    if groups < 2:
+      return self._unrolled_layers(list(self.layers), x, positions)
+    scanned = groups * period
+    stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in splits[j:scanned:period]))
+               for j in range(period)]
+
+    def step(graphdef):
+      fn = lambda h, state: nnx.merge(graphdef, state)(h, positions)
+      return jax.checkpoint(fn, policy=remat_policy(self.remat), prevent_cse=False) if self.remat else fn
+
+    steps = [step(graphdef) for graphdef in graphdefs[:period]]
+
+    def body(h, group):
+      for fn, state in zip(steps, group):
+        h = fn(h, state)
+      return h, None
+
+    x, _ = jax.lax.scan(body, x, stacked)
+    return self._unrolled_layers(list(self.layers)[scanned:], x, positions)
+
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-    """Next-token logits ``[B, T, vocab]`` in float32."""
+    """Next-token logits ``[B, T, vocab]`` in float32 (soft-capped by the config's ``logit_softcap``)."""
     h = self.hidden_states(input_ids, positions)
     if self.lm_head is None:
       logits = h @ self.embed_tokens.embedding[...].astype(h.dtype).T
     else:
       logits = self.lm_head(h)
-    return logits.astype(jnp.float32)
+    return softcap(logits.astype(jnp.float32), self.config.logit_softcap)
+
+
+def embed_tokens(table: jax.Array, input_ids: jax.Array, dtype, scale: float | None = None) -> jax.Array:
+  """Rows ``input_ids`` of the embedding ``table`` in ``dtype``, times ``scale`` (in ``dtype``) if given."""
+  x = jnp.take(table, input_ids, axis=0).astype(dtype)
+  return x if scale is None else x * jnp.asarray(scale, dtype)
 
 
 def _with_lazy_sharding(fn):
