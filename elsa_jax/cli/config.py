@@ -52,8 +52,8 @@ import jax
 from elsa_jax import models
 from elsa_jax.oneshot import registry as oneshot_registry
 from elsa_jax.run import train
+from elsa_jax.run.loading import DEFAULT_MODEL
 
-DEFAULT_MODEL = "default"
 DEFAULT_TEXT = "default"
 #: Pruning methods: the ADMM family (trained on the model's loss) and the
 #: one-shot baselines (:mod:`elsa_jax.oneshot.walk`).

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import pathlib
 import time
 from typing import Any, NamedTuple
@@ -38,12 +37,13 @@ from elsa_jax import models
 from elsa_jax.cli import config as config_lib
 from elsa_jax.optim import finalize as finalize_lib
 from elsa_jax.files import atomic_directory
-from elsa_jax.data import assets
 from elsa_jax.oneshot import registry as oneshot_registry
 from elsa_jax.oneshot import walk as baselines
 from elsa_jax.run import checkpoint as checkpoint_lib
+from elsa_jax.run.loading import LoadedModel, load_model, model_config
 from elsa_jax.data import documents as data_lib
 from elsa_jax.data import evaluation as evaluate_lib
+from elsa_jax.data import perplexity_sets
 from elsa_jax.run import memory as memory_lib
 from elsa_jax.run import sharding as sharding_lib
 from elsa_jax.run import train
@@ -64,33 +64,6 @@ def calibration_ids(tokens, *, windows: int, seqlen: int, seed: int) -> np.ndarr
   """``[windows, seqlen]`` token ids for one-shot pruning, the same on every process."""
   sampler = data_lib.CalibrationWindows(tokens, seqlen=seqlen - 1, batch_size=windows, seed=seed + 7919)
   return sampler.batch(0)
-
-
-@dataclasses.dataclass
-class LoadedModel:
-  """A model as the jobs use it: split, with its config (of its architecture) and tokenizer."""
-
-  graphdef: Any
-  params: Any
-  config: Any
-  tokenizer: Any
-  source: str
-
-  @property
-  def architecture(self) -> models.Architecture:
-    """The model's registered architecture (:func:`elsa_jax.models.architecture_of`)."""
-    return models.architecture_of(self.graphdef)
-
-
-def model_config(spec: str) -> Any:
-  """The shape of the model ``spec`` names (see :func:`load_model`), without loading its weights."""
-  if spec == DEFAULT_MODEL:
-    return models.config_from_gguf_file(assets.default_model_path())
-  if spec.endswith(".gguf"):
-    if not os.path.exists(spec):
-      raise FileNotFoundError(f"no GGUF file at {spec}; check the --model path.")
-    return models.config_from_gguf_file(spec)
-  return models.config_from_pretrained(spec)
 
 
 def check_memory(
@@ -116,40 +89,6 @@ def check_memory(
   logger.info("predicted per-device memory: %s", prediction.breakdown())
   memory_lib.check_fits(prediction, capacity_bytes)
   return prediction
-
-
-def load_model(spec: str, *, param_dtype=jnp.float32, remat: bool | str = False,
-               scan_layers: bool = False, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
-  """Loads 'default', a ``.gguf`` file, an HF directory or a hub id, with its tokenizer.
-
-  ``remat`` rematerialises each decoder layer in the backward pass;
-  ``scan_layers`` runs the layers as one ``lax.scan`` (both options of every architecture, see
-  :mod:`elsa_jax.models.base`). The architecture is the file's (:mod:`elsa_jax.models.registry`). With a
-  ``mesh``, safetensors weights are read shard by shard straight into their
-  training shardings (each process reads only its devices' slices); GGUF
-  files (block-quantised) are read whole and placed later.
-  """
-  from transformers import AutoTokenizer
-
-  if spec == DEFAULT_MODEL:
-    path = assets.default_model_path()
-    model, config = models.from_gguf(path, param_dtype=param_dtype)
-    tokenizer = assets.default_tokenizer()
-  elif spec.endswith(".gguf"):
-    if not os.path.exists(spec):
-      raise FileNotFoundError(f"no GGUF file at {spec}; check the --model path.")
-    model, config = models.from_gguf(spec, param_dtype=param_dtype)
-    tokenizer = models.tokenizer_from_gguf(spec)
-  else:
-    shardings = None
-    if mesh is not None:
-      shardings = lambda p, axes: sharding_lib.param_shardings(axes, p, mesh, sharding_lib.DEFAULT_RULES)
-    model, config = models.from_pretrained(spec, param_dtype=param_dtype, shardings=shardings)
-    tokenizer = AutoTokenizer.from_pretrained(spec)
-  model.remat = remat
-  model.scan_layers = scan_layers
-  graphdef, params = models.split(model)
-  return LoadedModel(graphdef, params, config, tokenizer, spec)
 
 
 def _logits_fn(graphdef, compute_dtype, params=None):
@@ -205,7 +144,7 @@ class _Inputs(NamedTuple):
 
   loaded: LoadedModel
   windows: data_lib.CalibrationWindows
-  eval_ids: np.ndarray
+  eval_text: perplexity_sets.EvalText
   oneshot_ids: np.ndarray | None
 
 
@@ -239,17 +178,12 @@ def _load_inputs(run: config_lib.RunConfig, mesh: jax.sharding.Mesh) -> _Inputs:
       calib_tokens, seqlen=cfg.seqlen, batch_size=cfg.batch_size * cfg.grad_accum, seed=cfg.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
   )
-  eval_docs = data_lib.load_documents(data.eval_text, split="evaluation", text_field=data.text_field)
-  eval_ids = evaluate_lib.eval_tokens(loaded.tokenizer, eval_docs)
-  if len(eval_ids) < eval_seqlen:
-    raise ValueError(
-        f"the evaluation text has {len(eval_ids)} tokens, fewer than one window of {eval_seqlen}; "
-        f"give more text or a smaller --eval-seqlen."
-    )
+  eval_text = _evaluation_text(data.eval_text, loaded.tokenizer, seqlen=eval_seqlen, text_field=data.text_field,
+                               data_files=data.eval_data_files, flag="--eval-seqlen")
   oneshot_ids = None
   if _needs_calibration(run.method):
     oneshot_ids = calibration_ids(calib_tokens, windows=data.calib_windows, seqlen=run.calib_seqlen, seed=cfg.seed)
-  return _Inputs(loaded, windows, eval_ids, oneshot_ids)
+  return _Inputs(loaded, windows, eval_text, oneshot_ids)
 
 
 def _open_checkpointer(run: config_lib.RunConfig) -> checkpoint_lib.RunCheckpointer | None:
@@ -274,9 +208,25 @@ def _start_summary(run: config_lib.RunConfig, inputs: _Inputs) -> dict[str, Any]
   return summary
 
 
+def _evaluation_text(source: str, tokenizer: Any, *, seqlen: int, text_field: str, data_files: Any,
+                     flag: str) -> perplexity_sets.EvalText:
+  """The evaluation text's ids (a standard set by name, or any text source); refuses one shorter than a window."""
+  text = perplexity_sets.evaluation_text(source, tokenizer, text_field=text_field, data_files=data_files)
+  if len(text.ids) < seqlen:
+    raise ValueError(f"the evaluation text has {len(text.ids)} tokens, fewer than one window of {seqlen}; "
+                     f"give more text or a smaller {flag}.")
+  return text
+
+
 def _perplexity(run: config_lib.RunConfig, inputs: _Inputs, params: Any) -> float:
-  return perplexity_of(inputs.loaded, params, inputs.eval_ids, seqlen=run.evaluation.seqlen,
-                       max_windows=run.evaluation.windows)
+  seqlen = run.evaluation.seqlen
+  return perplexity_of(inputs.loaded, params, inputs.eval_text.ids, seqlen=seqlen,
+                       max_windows=inputs.eval_text.windows(seqlen, run.evaluation.windows))
+
+
+def _ppl_line(inputs: _Inputs, run: config_lib.RunConfig, what: str, value: float) -> str:
+  """``"dense wikitext2 perplexity @2048: 5.678"``: every printed figure names its text and seqlen."""
+  return f"{what} {inputs.eval_text.label(run.evaluation.seqlen)}: {value:.3f}"
 
 
 def _sparsity_target(cfg: train.ElsaConfig) -> tuple[float, tuple[int, int] | None]:
@@ -289,12 +239,12 @@ def _evaluate_baselines(run: config_lib.RunConfig, inputs: _Inputs, summary: dic
   cfg, loaded = run.method.hyperparameters, inputs.loaded
   if run.evaluation.dense:
     summary["dense_ppl"] = _perplexity(run, inputs, loaded.params)
-    print(f"dense perplexity: {summary['dense_ppl']:.3f}", flush=True)
+    print(_ppl_line(inputs, run, "dense", summary["dense_ppl"]), flush=True)
   sparsity, _ = _sparsity_target(cfg)
   if run.evaluation.compare_magnitude and run.method.name != "magnitude":
     mag = finalize_lib.finalize(loaded.params, sparsity=sparsity, pattern=cfg.pattern, projection="magnitude")
     summary["magnitude_ppl"] = _perplexity(run, inputs, mag)
-    print(f"magnitude {cfg.pattern} {sparsity:.0%} perplexity: {summary['magnitude_ppl']:.3f}", flush=True)
+    print(_ppl_line(inputs, run, f"magnitude {cfg.pattern} {sparsity:.0%}", summary["magnitude_ppl"]), flush=True)
     del mag
 
 
@@ -324,8 +274,8 @@ def _train(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh,
     start_params = _oneshot(run, inputs, init_method, summary)
     if init_method != "magnitude" or not run.evaluation.compare_magnitude:
       summary[f"{init_method}_ppl"] = _perplexity(run, inputs, start_params)
-      print(f"{init_method} (the starting point) {cfg.pattern} {sparsity:.0%} perplexity: "
-            f"{summary[f'{init_method}_ppl']:.3f}", flush=True)
+      print(_ppl_line(inputs, run, f"{init_method} (the starting point) {cfg.pattern} {sparsity:.0%}",
+                      summary[f"{init_method}_ppl"]), flush=True)
   result = train.run(
       loaded.graphdef, start_params, cfg, inputs.windows.batch, mesh=mesh,
       logical_axes=models.logical_axes_of(loaded.graphdef, loaded.params),
@@ -348,7 +298,7 @@ def _export_pruned(run: config_lib.RunConfig, inputs: _Inputs, pruned: Any, summ
   """Evaluates the pruned model and writes it (process 0: every process holds it whole) to ``output/model``."""
   cfg, name = run.method.hyperparameters, run.method.name
   summary[f"{name}_ppl"] = _perplexity(run, inputs, pruned)
-  print(f"{name} {cfg.pattern} {train.pattern_sparsity(cfg):.0%} perplexity: {summary[f'{name}_ppl']:.3f}",
+  print(_ppl_line(inputs, run, f"{name} {cfg.pattern} {train.pattern_sparsity(cfg):.0%}", summary[f"{name}_ppl"]),
         flush=True)
   summary["sparsity"] = finalize_lib.sparsity_report(jax.device_get(pruned))["overall"]
   if jax.process_index() == 0:

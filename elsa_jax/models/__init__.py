@@ -21,8 +21,10 @@ from the file or the object they are given.
 """
 
 from elsa_jax.models import base
+from elsa_jax.models import generate
 from elsa_jax.models import gguf_tokenizer
 from elsa_jax.models import hf
+from elsa_jax.models import kv_cache
 from elsa_jax.models import llama
 from elsa_jax.models import registry
 from elsa_jax.models.base import REMAT_POLICIES, Architecture, merge, remat_policy, split

@@ -16,6 +16,7 @@
 
 from elsa_jax.run import checkpoint
 from elsa_jax.run import distributed
+from elsa_jax.run import loading
 from elsa_jax.run import memory
 from elsa_jax.run import sharding
 from elsa_jax.run import train

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from elsa_jax.models import kv_cache
 from elsa_jax.models.base import REMAT_POLICIES, merge, remat_policy, split
 from elsa_jax.models.llama.config import LlamaConfig
 
@@ -153,6 +154,8 @@ class LlamaAttention(nnx.Module):
     inv_freq = rope_inv_freq(self.config)  # a trace-time constant
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
+    if kv_cache.has_cache(self):  # decoding (init_cache): attend over the keys and values of earlier calls too
+      return kv_cache.cached_attention(self, q, k, v, positions).reshape(b, t, self.num_heads * self.head_dim)
     return causal_attention(q, k, v).reshape(b, t, self.num_heads * self.head_dim)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -313,6 +316,16 @@ Llama.__init__ = _with_lazy_sharding(Llama.__init__)
 def apply(graphdef: Any, params: dict, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
   """Logits of the model ``merge(graphdef, params)``: a pure function for jit/grad."""
   return merge(graphdef, params)(input_ids, positions)
+
+
+def init_cache(model: Llama, *, batch: int, length: int) -> None:
+  """Gives every attention layer of ``model`` an empty KV cache of ``length`` slots (in place; see
+  :mod:`elsa_jax.models.kv_cache`), in the model's compute dtype."""
+  c = model.config
+  dtype = model.dtype or model.embed_tokens.embedding[...].dtype
+  for layer in model.layers:
+    kv_cache.attach(layer.self_attn, kv_cache.init(batch=batch, length=length, num_kv_heads=c.num_key_value_heads,
+                                                   head_dim=c.head_dim, dtype=dtype))
 
 
 def logical_axes(model: Llama) -> dict:
