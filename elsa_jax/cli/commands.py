@@ -37,7 +37,8 @@ _ELSA_FIELDS = tuple(f.name for f in dataclasses.fields(train.ElsaConfig))
 _RUN_FLAGS = {
     "model": ("model", "path"), "remat": ("model", "remat"), "scan_layers": ("model", "scan_layers"),
     "mesh": ("model", "mesh"),
-    "calib": ("data", "calib"), "eval_text": ("data", "eval_text"), "text_field": ("data", "text_field"),
+    "calib": ("data", "calib"), "eval_text": ("data", "eval_text"), "eval_data_files": ("data", "eval_data_files"),
+    "text_field": ("data", "text_field"),
     "calib_windows": ("data", "calib_windows"), "calib_seqlen": ("data", "calib_seqlen"),
     "method": ("method", "name"), "init_method": ("method", "init"), "damp": ("method", "damp"),
     "eval_seqlen": ("evaluation", "seqlen"), "eval_windows": ("evaluation", "windows"),
@@ -114,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("prune", help="prune a model (ELSA or a baseline) and export it")
   p.add_argument("--model", default="default", help="'default' (SmolLM2-135M), a .gguf, an HF dir or hub id")
   p.add_argument("--calib", default="default", help="calibration text: 'default', .txt/.jsonl, dir, or hf:NAME")
-  p.add_argument("--eval-text", default="default", help="evaluation text, same forms as --calib")
+  p.add_argument("--eval-text", default="default",
+                 help="evaluation text, same forms as --calib, or a standard set: wikitext2 | c4")
+  p.add_argument("--eval-data-files", help="a local copy of the --eval-text set's file (offline; same schema)")
   p.add_argument("--text-field", default="text", help="field of JSONL/datasets records holding the text")
   p.add_argument("--output", default="runs/elsa", help="run directory (checkpoints, metrics, model/)")
   p.add_argument("--method", default="elsa",

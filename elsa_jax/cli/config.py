@@ -120,7 +120,10 @@ class DataSpec:
   Attributes:
     calib: ``--calib``: the calibration text ('default', ``.txt``/``.jsonl``,
       a folder, a ``datasets`` folder or ``hf:NAME``).
-    eval_text: ``--eval-text``: the held-out text, in the same forms.
+    eval_text: ``--eval-text``: the held-out text, in the same forms, or a standard
+      perplexity set by name (``wikitext2``, ``c4``: :mod:`elsa_jax.data.perplexity_sets`).
+    eval_data_files: ``--eval-data-files``: a local copy of a standard set's file (offline), or the
+      ``data_files`` of an ``hf:`` evaluation text.
     text_field: ``--text-field``: the field of JSONL/datasets records holding the text.
     calib_windows: ``--calib-windows``: one-shot calibration windows (Wanda,
       SparseGPT, SAFE+'s activation norms).
@@ -132,6 +135,7 @@ class DataSpec:
   text_field: str = "text"
   calib_windows: int = 128
   calib_seqlen: int | None = None
+  eval_data_files: str | None = None
 
   def __post_init__(self):
     if not self.calib or not self.eval_text:

@@ -42,7 +42,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import jax
@@ -125,10 +125,10 @@ def left_padded(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) 
 class _Rows:
   """The generated tokens of every row and which rows are finished."""
 
-  def __init__(self, n: int, eos_id: int | None, stop: StopFn | None):
+  def __init__(self, n: int, eos_ids: Collection[int], stop: StopFn | None):
     self.tokens: list[list[int]] = [[] for _ in range(n)]
     self.done = [False] * n
-    self.eos_id, self.stop = eos_id, stop
+    self.eos_ids, self.stop = frozenset(eos_ids), stop
 
   def append(self, next_tokens: np.ndarray) -> bool:
     """Adds one token to every unfinished row; returns whether all rows are finished."""
@@ -136,7 +136,7 @@ class _Rows:
       if self.done[row]:
         continue
       self.tokens[row].append(token)
-      self.done[row] = token == self.eos_id or (self.stop is not None and self.stop(row, self.tokens[row]))
+      self.done[row] = token in self.eos_ids or (self.stop is not None and self.stop(row, self.tokens[row]))
     return all(self.done)
 
 
@@ -152,7 +152,7 @@ def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: in
 
 
 def greedy(graphdef: Any, params: dict, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-           eos_id: int | None = None, stop: StopFn | None = None, batch_size: int | None = None,
+           eos_ids: Collection[int] = (), stop: StopFn | None = None, batch_size: int | None = None,
            pad_id: int = 0, place: Callable[[np.ndarray], Any] = jnp.asarray) -> list[list[int]]:
   """Greedy continuations of a batch of prompts (token ids), with a KV cache.
 
@@ -160,7 +160,7 @@ def greedy(graphdef: Any, params: dict, prompts: Sequence[Sequence[int]], *, max
     graphdef, params: The model (:func:`elsa_jax.models.split`), params possibly sharded.
     prompts: Token ids of each prompt (at least one token each).
     max_new_tokens: Tokens generated at most per row.
-    eos_id: A row stops after generating this token (kept), or None.
+    eos_ids: A row stops after generating one of these tokens (kept).
     stop: ``stop(row, tokens)``: also stop row ``row`` once it returns True (e.g. a stop string).
     batch_size: Rows of the compiled batch (the prompts are padded with copies of the first);
       None: ``len(prompts)``.
@@ -171,7 +171,7 @@ def greedy(graphdef: Any, params: dict, prompts: Sequence[Sequence[int]], *, max
     The generated tokens of every prompt, without the prompt.
   """
   batch = _check(prompts, max_new_tokens, batch_size)
-  rows = _Rows(len(prompts), eos_id, stop)
+  rows = _Rows(len(prompts), eos_ids, stop)
   full = list(prompts) + [prompts[0]] * (batch - len(prompts))
   if registry.architecture_of(graphdef).init_cache is None:
     return _greedy_uncached(graphdef, params, full, rows, max_new_tokens, pad_id, place)
