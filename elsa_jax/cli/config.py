@@ -180,6 +180,35 @@ class MethodSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """Zero-shot tasks run through lm-evaluation-harness (:mod:`elsa_jax.harness`).
+
+  Attributes:
+    tasks: ``--tasks`` / ``--eval-tasks``: lm-eval task names or globs.
+    include_path: ``--include-path``: a folder of extra task YAMLs.
+    num_fewshot: ``--num-fewshot``: few-shot examples per request (None: each task's default).
+    limit: ``--limit``: at most this many documents per task (a fraction if below 1).
+    batch_size: ``--task-batch-size``: rows per compiled batch.
+  """
+
+  tasks: tuple[str, ...]
+  include_path: str | None = None
+  num_fewshot: int | None = None
+  limit: int | float | None = None
+  batch_size: int = 8
+
+  def __post_init__(self):
+    if not self.tasks:
+      raise ValueError("--tasks / --eval-tasks names no task; give lm-eval task names such as boolq,rte.")
+    if self.include_path is not None and not pathlib.Path(self.include_path).is_dir():
+      raise ValueError(f"--include-path {self.include_path} is not a folder; give the folder of your task YAMLs.")
+    _positive("--num-fewshot", self.num_fewshot, allow_none=True, allow_zero=True)
+    _positive("--task-batch-size", self.batch_size)
+    if self.limit is not None and not self.limit > 0:
+      raise ValueError(f"--limit must be positive, got {self.limit}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSpec:
   """The evaluation of a run.
 
@@ -188,12 +217,14 @@ class EvalSpec:
     windows: ``--eval-windows``: at most this many windows (0: the whole text).
     compare_magnitude: not ``--no-compare-magnitude``: evaluate the magnitude baseline too.
     dense: not ``--no-dense-eval``: evaluate the dense model first.
+    tasks: ``--eval-tasks`` and its flags: zero-shot tasks of the pruned model, or None.
   """
 
   seqlen: int = 1024
   windows: int = 0
   compare_magnitude: bool = True
   dense: bool = True
+  tasks: TaskSpec | None = None
 
   def __post_init__(self):
     _positive("--eval-seqlen", self.seqlen)

@@ -43,6 +43,7 @@ from elsa_jax.run import checkpoint as checkpoint_lib
 from elsa_jax.run.loading import LoadedModel, load_model, model_config
 from elsa_jax.data import documents as data_lib
 from elsa_jax.data import evaluation as evaluate_lib
+from elsa_jax.data import assets
 from elsa_jax.data import perplexity_sets
 from elsa_jax.run import memory as memory_lib
 from elsa_jax.run import sharding as sharding_lib
@@ -155,6 +156,8 @@ def _check_run(run: config_lib.RunConfig) -> jax.sharding.Mesh:
   """
   check_output_dir(pathlib.Path(run.output.dir) / "model", run.output.overwrite)
   mesh = sharding_lib.make_mesh(*run.model.mesh)
+  if run.evaluation.tasks is not None:
+    check_tasks(run.evaluation.tasks)
   cfg = run.method.hyperparameters
   sharding_lib.fits_mesh(cfg.batch_size, mesh)
   if run.method.trained:
@@ -306,6 +309,45 @@ def _export_pruned(run: config_lib.RunConfig, inputs: _Inputs, pruned: Any, summ
            extra={"summary": summary})
 
 
+def harness():
+  """:mod:`elsa_jax.harness`, or a ValueError that says how to install lm-eval (the optional extra)."""
+  try:
+    from elsa_jax import harness as harness_lib
+  except ImportError as err:
+    raise ValueError(f"zero-shot tasks run through lm-evaluation-harness, which is not installed ({err}); "
+                     f"pip install 'elsa_jax[eval]'.") from None
+  return harness_lib
+
+
+def check_tasks(spec: config_lib.TaskSpec) -> None:
+  """Refuses, before any weight is read, tasks that lm-eval does not know (or a missing lm-eval)."""
+  harness().zero_shot.task_manager(spec.tasks, spec.include_path)
+
+
+def zero_shot(model: LoadedModel, params: Any, spec: config_lib.TaskSpec, *, mesh: jax.sharding.Mesh | None = None,
+              compute_dtype: str = "float32") -> dict[str, Any]:
+  """lm-eval's results of ``spec``'s tasks on ``model`` with ``params`` (the JAX backend, in memory)."""
+  lib = harness()
+  lm = lib.ElsaLM(model=model, params=params, batch_size=spec.batch_size, dtype=compute_dtype, mesh=mesh)
+  return lib.evaluate(lm, spec.tasks, include_path=spec.include_path, num_fewshot=spec.num_fewshot,
+                      limit=spec.limit)
+
+
+def _zero_shot_pruned(run: config_lib.RunConfig, inputs: _Inputs, pruned: Any, mesh: jax.sharding.Mesh,
+                      summary: dict[str, Any]) -> None:
+  """The ``--eval-tasks`` of the pruned model: lm-eval's table printed, scores in the summary and
+  lm-eval's whole results in ``output/zero_shot.json``."""
+  spec = run.evaluation.tasks
+  if spec is None:
+    return
+  results = zero_shot(inputs.loaded, pruned, spec, mesh=mesh)
+  lib = harness()
+  summary["zero_shot"] = lib.task_scores(results)
+  print(lib.results_table(results), flush=True)
+  if jax.process_index() == 0:
+    assets.atomic_write_bytes(pathlib.Path(run.output.dir) / "zero_shot.json", lib.zero_shot.to_json(results).encode())
+
+
 def _write_summary(run: config_lib.RunConfig, summary: dict[str, Any], t0: float) -> None:
   out = pathlib.Path(run.output.dir)
   summary["wall_seconds"] = time.perf_counter() - t0
@@ -348,25 +390,47 @@ def prune(run: config_lib.RunConfig, *, stop_after: int | None = None, progress:
   else:
     pruned = _oneshot(run, inputs, run.method.name, summary)
   _export_pruned(run, inputs, pruned, summary)
+  _zero_shot_pruned(run, inputs, pruned, mesh, summary)
   _write_summary(run, summary, t0)
   return summary
 
 
-def evaluate(model: str = DEFAULT_MODEL, eval_text: str = DEFAULT_TEXT, *, seqlen: int = 1024,
-             windows: int = 0, text_field: str = "text", compute_dtype: str = "float32") -> dict[str, Any]:
-  """Perplexity (the field's protocol) and sparsity report of a model."""
+def evaluate(model: str = DEFAULT_MODEL, eval_text: str | None = DEFAULT_TEXT, *, seqlen: int = 1024,
+             windows: int = 0, text_field: str = "text", compute_dtype: str = "float32",
+             eval_data_files: str | None = None, tasks: config_lib.TaskSpec | None = None,
+             mesh: tuple[int, int] | None = None) -> dict[str, Any]:
+  """Perplexity (the field's protocol), zero-shot tasks (lm-eval) and sparsity report of a model.
+
+  Args:
+    model: What :func:`load_model` loads.
+    eval_text: The perplexity text (a standard set by name, or any text source); None: no perplexity.
+    seqlen, windows: Tokens per perplexity window, and at most this many windows (0: all, or the set's cap).
+    text_field, eval_data_files: See :func:`elsa_jax.data.perplexity_sets.evaluation_text`.
+    compute_dtype: Dtype the parameters compute in.
+    tasks: lm-eval tasks to run, or None.
+    mesh: ``(data, model)`` mesh sizes for the zero-shot tasks, or None for one device.
+
+  Returns:
+    ``model``, ``sparsity``; with a text ``perplexity``, ``seqlen``, ``windows``, ``eval_text``; with
+    tasks ``zero_shot`` (the scores per task) and ``lm_eval`` (lm-eval's whole results).
+  """
+  if tasks is not None:
+    check_tasks(tasks)
+  device_mesh = sharding_lib.make_mesh(*mesh) if mesh is not None else None
   loaded = load_model(model)
-  docs = data_lib.load_documents(eval_text, split="evaluation", text_field=text_field)
-  ids = evaluate_lib.eval_tokens(loaded.tokenizer, docs)
-  if len(ids) < seqlen:
-    raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than one window of {seqlen}; "
-                     f"give more text or a smaller --seqlen.")
-  n_windows = len(ids) // seqlen if not windows else min(windows, len(ids) // seqlen)
-  ppl = perplexity_of(loaded, loaded.params, ids, seqlen=seqlen, max_windows=windows,
-                      compute_dtype=compute_dtype)
-  report = finalize_lib.sparsity_report(jax.device_get(loaded.params))
-  return {"model": model, "perplexity": ppl, "seqlen": seqlen, "windows": n_windows,
-          "sparsity": report["overall"]}
+  out: dict[str, Any] = {"model": model}
+  if eval_text is not None:
+    text = _evaluation_text(eval_text, loaded.tokenizer, seqlen=seqlen, text_field=text_field,
+                            data_files=eval_data_files, flag="--seqlen")
+    n_windows = text.windows(seqlen, windows)
+    out.update(eval_text=eval_text, label=text.label(seqlen), seqlen=seqlen, windows=n_windows,
+               perplexity=perplexity_of(loaded, loaded.params, text.ids, seqlen=seqlen, max_windows=n_windows,
+                                        compute_dtype=compute_dtype))
+  out["sparsity"] = finalize_lib.sparsity_report(jax.device_get(loaded.params))["overall"]
+  if tasks is not None:
+    results = zero_shot(loaded, loaded.params, tasks, mesh=device_mesh, compute_dtype=compute_dtype)
+    out.update(zero_shot=harness().task_scores(results), lm_eval=results)
+  return out
 
 
 def export_run(run_dir: str | pathlib.Path, output: str | pathlib.Path | None = None, *,

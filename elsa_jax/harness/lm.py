@@ -55,10 +55,10 @@ NAME = "elsa_jax"
 DEFAULT_BATCH_SIZE = 8
 
 
-def _mesh(spec: str | tuple[int, int] | None) -> jax.sharding.Mesh | None:
-  """A mesh from ``"DATAxMODEL"`` (None: one device, nothing placed)."""
-  if spec is None:
-    return None
+def _mesh(spec: str | tuple[int, int] | jax.sharding.Mesh | None) -> jax.sharding.Mesh | None:
+  """A mesh from ``"DATAxMODEL"`` or ``(data, model)`` (None: one device, nothing placed)."""
+  if spec is None or isinstance(spec, jax.sharding.Mesh):
+    return spec
   if isinstance(spec, str):
     try:
       data, model = (int(x) for x in spec.lower().split("x"))
@@ -88,7 +88,8 @@ class ElsaLM(TemplateLM):
     max_length: The longest input; None: the model config's (as lm-eval's ``resolve_max_length``).
     max_gen_toks: Default generation budget of ``generate_until``.
     dtype: Compute dtype of the parameters.
-    mesh: ``"DATAxMODEL"`` to shard the parameters and batches over a device mesh; None: one device.
+    mesh: ``"DATAxMODEL"`` (or a Mesh) to shard the parameters and batches over a device mesh; None: one
+      device.
     add_bos_token: Force (True/False) the tokenizer's special tokens, as the ``hf`` backend's flag.
     prefix_token_id: The token an empty context is replaced by (default: BOS, else EOS).
     **kwargs: lm-eval's generic arguments (``device``, ``max_batch_size``), which do not apply here.
@@ -99,7 +100,7 @@ class ElsaLM(TemplateLM):
   def __init__(self, pretrained: str = loading.DEFAULT_MODEL, *, model: loading.LoadedModel | None = None,
                params: Any = None, batch_size: int | str | None = DEFAULT_BATCH_SIZE,
                max_length: int | None = None, max_gen_toks: int = 256, dtype: str = "float32",
-               mesh: str | tuple[int, int] | None = None, add_bos_token: bool | None = None,
+               mesh: str | tuple[int, int] | jax.sharding.Mesh | None = None, add_bos_token: bool | None = None,
                prefix_token_id: int | None = None, **kwargs: Any):
     super().__init__()
     ignored = {k: v for k, v in kwargs.items() if v is not None}
