@@ -60,7 +60,7 @@ def test_prune_eval_tasks_scores_the_pruned_model_into_the_summary(tiny_run, tas
   out = tmp_path / "run"
   flags = ["prune", "--model", str(model_dir), "--calib", str(calib), "--eval-text", str(evalt), "--method",
            "magnitude", "--sparsity", "0.6", "--eval-seqlen", "32", "--preset", "cpu", "--no-compare-magnitude",
-           "--output", str(out), "--eval-tasks", "tiny_roll", "--include-path", str(tasks_dir)]
+           "--mesh", "1x1", "--output", str(out), "--eval-tasks", "tiny_roll", "--include-path", str(tasks_dir)]
   assert commands.main(flags) == 0
   printed = capsys.readouterr().out
   assert "dense perplexity @32: " in printed and "magnitude unstructured 60% perplexity @32: " in printed
