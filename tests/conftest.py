@@ -80,3 +80,53 @@ def exported_tensors(out):
 def exported():
   """``exported(run_dir) -> {name: array}``: the tensors of a run's exported model."""
   return exported_tensors
+
+
+# ----------------------------------------------------------------------------
+# lm-eval tasks written by the tests: multiple choice, rolling log-likelihood, generation
+# ----------------------------------------------------------------------------
+
+_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: {output_type}
+{body}"""
+_TASK_BODIES = {
+    "multiple_choice": ('doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+                        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"),
+    "loglikelihood_rolling": ('doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n'
+                              "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"),
+    "generate_until": ('doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\ngeneration_kwargs:\n'
+                       '  until: ["."]\n  max_gen_toks: 10\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n'),
+}
+
+
+def write_tasks(folder: pathlib.Path, seed: int, *, n_mc: int = 12, n_rolling: int = 4, n_gen: int = 4
+                ) -> pathlib.Path:
+  """Writes three lm-eval tasks (YAML + JSONL) into ``folder``: ``tiny_mc`` (3 choices of 1-3 words),
+  ``tiny_roll`` (texts of 20-90 words) and ``tiny_gen`` (greedy, until "."); returns ``folder``."""
+  rng = np.random.default_rng(seed)
+  words = lambda n: " ".join(rng.choice(_WORDS, size=n))
+  docs = {
+      ("tiny_mc", "multiple_choice"): [
+          {"question": words(8), "choices": [words(int(rng.integers(1, 4))) for _ in range(3)],
+           "label": int(rng.integers(3))} for _ in range(n_mc)],
+      ("tiny_roll", "loglikelihood_rolling"): [{"text": words(int(rng.integers(20, 90)))} for _ in range(n_rolling)],
+      ("tiny_gen", "generate_until"): [{"question": words(6), "answer": "the"} for _ in range(n_gen)],
+  }
+  folder.mkdir(parents=True, exist_ok=True)
+  for (name, output_type), records in docs.items():
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / f"{name}.yaml").write_text(_TASK_YAML.format(name=name, data=data, output_type=output_type,
+                                                           body=_TASK_BODIES[output_type]))
+  return folder
+
+
+@pytest.fixture(scope="session")
+def lm_eval_tasks():
+  """``lm_eval_tasks(folder, seed, ...) -> folder``: writes the tiny lm-eval tasks (:func:`write_tasks`)."""
+  return write_tasks

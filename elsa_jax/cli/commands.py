@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pathlib
 import sys
+from typing import Any
 
 from elsa_jax.cli import config as config_lib
 from elsa_jax.cli import output
+from elsa_jax.data import assets
 from elsa_jax.errors import UserError
 from elsa_jax.run import train
 from elsa_jax.sparsity import patterns
@@ -38,7 +41,8 @@ _ELSA_FIELDS = tuple(f.name for f in dataclasses.fields(train.ElsaConfig))
 _RUN_FLAGS = {
     "model": ("model", "path"), "remat": ("model", "remat"), "scan_layers": ("model", "scan_layers"),
     "mesh": ("model", "mesh"),
-    "calib": ("data", "calib"), "eval_text": ("data", "eval_text"), "text_field": ("data", "text_field"),
+    "calib": ("data", "calib"), "eval_text": ("data", "eval_text"), "eval_data_files": ("data", "eval_data_files"),
+    "text_field": ("data", "text_field"),
     "calib_windows": ("data", "calib_windows"), "calib_seqlen": ("data", "calib_seqlen"),
     "method": ("method", "name"), "init_method": ("method", "init"), "damp": ("method", "damp"),
     "eval_seqlen": ("evaluation", "seqlen"), "eval_windows": ("evaluation", "windows"),
@@ -61,6 +65,35 @@ def _mesh(text: str) -> tuple[int, int]:
   except ValueError:
     raise argparse.ArgumentTypeError(f"--mesh takes DATAxMODEL such as 4x2 or -1x1, got {text!r}") from None
   return data, model
+
+
+def _limit(text: str) -> int | float:
+  value = float(text)
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f"--limit must be positive (documents per task, or a fraction < 1), got {text}")
+  return value if value < 1 else int(value)
+
+
+def _add_task_args(p: argparse.ArgumentParser, flag: str) -> None:
+  g = p.add_argument_group("zero-shot tasks (lm-evaluation-harness: pip install 'elsa_jax[eval]')")
+  g.add_argument(flag, dest="tasks", help="comma-separated lm-eval tasks, e.g. boolq,rte,hellaswag,winogrande,"
+                                          "arc_easy,arc_challenge,openbookqa (the paper's 7)")
+  g.add_argument("--include-path", help="a folder of extra lm-eval task YAMLs")
+  g.add_argument("--num-fewshot", type=int, help="few-shot examples per request (default: each task's, 0 here)")
+  g.add_argument("--limit", type=_limit, help="at most N documents per task (or a fraction < 1)")
+  g.add_argument("--task-batch-size", type=int, default=8, help="rows per compiled batch of the harness")
+
+
+def _task_spec(args: argparse.Namespace) -> config_lib.TaskSpec | None:
+  """The zero-shot tasks of ``--tasks``/``--eval-tasks`` and their flags, or None."""
+  if not args.tasks:
+    for flag in ("include_path", "num_fewshot", "limit"):
+      if getattr(args, flag) is not None:
+        raise ValueError(f"--{flag.replace('_', '-')} only applies with --tasks / --eval-tasks.")
+    return None
+  return config_lib.TaskSpec(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+                             include_path=args.include_path, num_fewshot=args.num_fewshot, limit=args.limit,
+                             batch_size=args.task_batch_size)
 
 
 def _add_elsa_args(p: argparse.ArgumentParser) -> None:
@@ -114,6 +147,9 @@ def run_config(args: argparse.Namespace) -> config_lib.RunConfig:
       raise ValueError(f"--sparsity {elsa['sparsity']} contradicts --pattern {pattern}, which prunes "
                        f"{output.percent(pattern.sparsity)} of every matrix ({pattern.n} of every {pattern.m} "
                        f"kept); drop --sparsity.")
+  tasks = _task_spec(args)
+  if tasks is not None:
+    sections.setdefault("evaluation", {})["tasks"] = tasks
   return config_lib.override(config_lib.resolve_preset(args.preset), elsa=elsa, **sections)
 
 
@@ -124,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("prune", help="prune a model (ELSA or a baseline) and export it")
   p.add_argument("--model", default="default", help="'default' (SmolLM2-135M), a .gguf, an HF dir or hub id")
   p.add_argument("--calib", default="default", help="calibration text: 'default', .txt/.jsonl, dir, or hf:NAME")
-  p.add_argument("--eval-text", default="default", help="evaluation text, same forms as --calib")
+  p.add_argument("--eval-text", default="default",
+                 help="evaluation text, same forms as --calib, or a standard set: wikitext2 | c4")
+  p.add_argument("--eval-data-files", help="a local copy of the --eval-text set's file (offline; same schema)")
   p.add_argument("--text-field", default="text", help="field of JSONL/datasets records holding the text")
   p.add_argument("--output", default="runs/elsa", help="run directory (checkpoints, metrics, model/)")
   p.add_argument("--method", default="elsa",
@@ -138,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mesh", type=_mesh, default=(-1, 1), help="DATAxMODEL device mesh, e.g. 4x2 (default -1x1)")
   p.add_argument("--eval-seqlen", type=int)
   p.add_argument("--eval-windows", type=int, help="evaluate at most this many windows (0: all)")
+  _add_task_args(p, "--eval-tasks")
   p.add_argument("--checkpoint-every", type=int, default=100, help="save every N steps (0: only at the end)")
   p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
   p.add_argument("--no-compare-magnitude", action="store_true", help="skip the magnitude baseline evaluation")
@@ -154,13 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
                  help="run the decoder layers as one lax.scan (compile time independent of depth)")
   _add_elsa_args(p)
 
-  e = sub.add_parser("eval", help="perplexity and sparsity of a model")
+  e = sub.add_parser("eval", help="perplexity, zero-shot tasks (lm-eval) and sparsity of a model")
   e.add_argument("--model", default="default")
-  e.add_argument("--eval-text", default="default")
+  e.add_argument("--eval-text", help="perplexity text: default | .txt/.jsonl | hf:NAME | wikitext2 | c4 "
+                                     "(default: 'default', none when --tasks is given)")
+  e.add_argument("--eval-data-files", help="a local copy of the --eval-text set's file (offline; same schema)")
   e.add_argument("--text-field", default="text")
-  e.add_argument("--seqlen", type=int, default=1024)
+  e.add_argument("--seqlen", "--eval-seqlen", dest="seqlen", type=int, default=1024, help="tokens per window")
   e.add_argument("--windows", type=int, default=0, help="at most this many windows (0: all)")
   e.add_argument("--compute-dtype", default="float32")
+  e.add_argument("--mesh", type=_mesh, help="DATAxMODEL device mesh of the zero-shot tasks (default: one device)")
+  _add_task_args(e, "--tasks")
+  e.add_argument("--output", help="JSON file of the results (default with --tasks: eval.json)")
 
   x = sub.add_parser("export", help="finalize the latest checkpoint of a run and write an HF model")
   x.add_argument("--run-dir", required=True)
@@ -177,6 +221,28 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument("--overwrite", action="store_true")
   d.add_argument("--max-shard-size", default="5GB", help="shard the weights above this size (default 5GB)")
   return parser
+
+
+def _evaluate(args: argparse.Namespace, pipeline: Any) -> None:
+  """``elsa-jax eval``: perplexity (when a text is given, or no task), lm-eval's table, the JSON."""
+  tasks = _task_spec(args)
+  eval_text = args.eval_text if args.eval_text is not None or tasks is not None else config_lib.DEFAULT_TEXT
+  out_path = args.output or ("eval.json" if tasks is not None else None)
+  result = pipeline.evaluate(args.model, eval_text, seqlen=args.seqlen, windows=args.windows,
+                             text_field=args.text_field, compute_dtype=args.compute_dtype,
+                             eval_data_files=args.eval_data_files, tasks=tasks, mesh=args.mesh)
+  lm_eval_results = result.pop("lm_eval", None)
+  if lm_eval_results is not None:
+    print(pipeline.harness().results_table(lm_eval_results))
+  if "perplexity" in result:
+    print(f"{result['label']}: {result['perplexity']:.3f}")
+  print(output.dumps(result, indent=2))
+  if out_path:
+    body = dict(result, lm_eval=lm_eval_results) if lm_eval_results is not None else result
+    text = (pipeline.harness().zero_shot.to_json(body) if lm_eval_results is not None
+            else output.dumps(body, indent=2))
+    assets.atomic_write_bytes(pathlib.Path(out_path), text.encode())
+    print(f"wrote {out_path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,9 +270,7 @@ def main(argv: list[str] | None = None) -> int:
       keys = [k for k in summary if k.endswith("_ppl")]
       print(output.dumps({k: round(summary[k], 3) for k in keys}))
     elif args.command == "eval":
-      result = pipeline.evaluate(args.model, args.eval_text, seqlen=args.seqlen, windows=args.windows,
-                                 text_field=args.text_field, compute_dtype=args.compute_dtype)
-      print(output.dumps(result, indent=2))
+      _evaluate(args, pipeline)
     elif args.command == "export":
       path = pipeline.export_run(args.run_dir, args.output, overwrite=args.overwrite, sparse_format=args.format)
       print(f"wrote {path}")

@@ -53,8 +53,8 @@ from elsa_jax import models
 from elsa_jax.data import fingerprint
 from elsa_jax.oneshot import registry as oneshot_registry
 from elsa_jax.run import train
+from elsa_jax.run.loading import DEFAULT_MODEL
 
-DEFAULT_MODEL = "default"
 DEFAULT_TEXT = "default"
 #: Pruning methods: the ADMM family (trained on the model's loss) and the
 #: one-shot baselines (:mod:`elsa_jax.oneshot.walk`).
@@ -122,7 +122,10 @@ class DataSpec:
   Attributes:
     calib: ``--calib``: the calibration text ('default', ``.txt``/``.jsonl``,
       a folder, a ``datasets`` folder or ``hf:NAME``).
-    eval_text: ``--eval-text``: the held-out text, in the same forms.
+    eval_text: ``--eval-text``: the held-out text, in the same forms, or a standard
+      perplexity set by name (``wikitext2``, ``c4``: :mod:`elsa_jax.data.perplexity_sets`).
+    eval_data_files: ``--eval-data-files``: a local copy of a standard set's file (offline), or the
+      ``data_files`` of an ``hf:`` evaluation text.
     text_field: ``--text-field``: the field of JSONL/datasets records holding the text.
     calib_windows: ``--calib-windows``: one-shot calibration windows (Wanda,
       SparseGPT, SAFE+'s activation norms).
@@ -134,6 +137,7 @@ class DataSpec:
   text_field: str = "text"
   calib_windows: int = 128
   calib_seqlen: int | None = None
+  eval_data_files: str | None = None
 
   def __post_init__(self):
     if not self.calib or not self.eval_text:
@@ -178,6 +182,35 @@ class MethodSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """Zero-shot tasks run through lm-evaluation-harness (:mod:`elsa_jax.harness`).
+
+  Attributes:
+    tasks: ``--tasks`` / ``--eval-tasks``: lm-eval task names or globs.
+    include_path: ``--include-path``: a folder of extra task YAMLs.
+    num_fewshot: ``--num-fewshot``: few-shot examples per request (None: each task's default).
+    limit: ``--limit``: at most this many documents per task (a fraction if below 1).
+    batch_size: ``--task-batch-size``: rows per compiled batch.
+  """
+
+  tasks: tuple[str, ...]
+  include_path: str | None = None
+  num_fewshot: int | None = None
+  limit: int | float | None = None
+  batch_size: int = 8
+
+  def __post_init__(self):
+    if not self.tasks:
+      raise ValueError("--tasks / --eval-tasks names no task; give lm-eval task names such as boolq,rte.")
+    if self.include_path is not None and not pathlib.Path(self.include_path).is_dir():
+      raise ValueError(f"--include-path {self.include_path} is not a folder; give the folder of your task YAMLs.")
+    positive("--num-fewshot", self.num_fewshot, allow_none=True, allow_zero=True)
+    positive("--task-batch-size", self.batch_size)
+    if self.limit is not None and not self.limit > 0:
+      raise ValueError(f"--limit must be positive, got {self.limit}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSpec:
   """The evaluation of a run.
 
@@ -186,12 +219,14 @@ class EvalSpec:
     windows: ``--eval-windows``: at most this many windows (0: the whole text).
     compare_magnitude: not ``--no-compare-magnitude``: evaluate the magnitude baseline too.
     dense: not ``--no-dense-eval``: evaluate the dense model first.
+    tasks: ``--eval-tasks`` and its flags: zero-shot tasks of the pruned model, or None.
   """
 
   seqlen: int = 1024
   windows: int = 0
   compare_magnitude: bool = True
   dense: bool = True
+  tasks: TaskSpec | None = None
 
   def __post_init__(self):
     positive("--eval-seqlen", self.seqlen)

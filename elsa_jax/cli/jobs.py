@@ -43,10 +43,12 @@ from elsa_jax import files
 from elsa_jax.files import atomic_directory
 from elsa_jax.data import assets
 from elsa_jax.data import fingerprint
+from elsa_jax.data import perplexity_sets
 from elsa_jax.oneshot import registry as oneshot_registry
 from elsa_jax.oneshot import walk as baselines
 from elsa_jax.run import checkpoint as checkpoint_lib
 from elsa_jax.run import lock as lock_lib
+from elsa_jax.run.loading import LoadedModel, load_model, model_config
 from elsa_jax.data import documents as data_lib
 from elsa_jax.data import evaluation as evaluate_lib
 from elsa_jax.run import checks
@@ -75,33 +77,6 @@ def calibration_ids(tokens, *, windows: int, seqlen: int, seed: int) -> np.ndarr
   return sampler.batch(0)
 
 
-@dataclasses.dataclass
-class LoadedModel:
-  """A model as the jobs use it: split, with its config (of its architecture) and tokenizer."""
-
-  graphdef: Any
-  params: Any
-  config: Any
-  tokenizer: Any
-  source: str
-
-  @property
-  def architecture(self) -> models.Architecture:
-    """The model's registered architecture (:func:`elsa_jax.models.architecture_of`)."""
-    return models.architecture_of(self.graphdef)
-
-
-def model_config(spec: str) -> Any:
-  """The shape of the model ``spec`` names (see :func:`load_model`), without loading its weights."""
-  if spec == DEFAULT_MODEL:
-    return models.config_from_gguf_file(assets.default_model_path())
-  if spec.endswith(".gguf"):
-    if not os.path.exists(spec):
-      raise FileNotFoundError(f"no GGUF file at {spec}; check the --model path.")
-    return models.config_from_gguf_file(spec)
-  return models.config_from_pretrained(spec)
-
-
 def check_memory(
     spec: str,
     cfg: train.ElsaConfig,
@@ -125,40 +100,6 @@ def check_memory(
   logger.info("predicted per-device memory: %s", prediction.breakdown())
   memory_lib.check_fits(prediction, capacity_bytes)
   return prediction
-
-
-def load_model(spec: str, *, param_dtype=jnp.float32, remat: bool | str = False,
-               scan_layers: bool = False, mesh: jax.sharding.Mesh | None = None) -> LoadedModel:
-  """Loads 'default', a ``.gguf`` file, an HF directory or a hub id, with its tokenizer.
-
-  ``remat`` rematerialises each decoder layer in the backward pass;
-  ``scan_layers`` runs the layers as one ``lax.scan`` (both options of every architecture, see
-  :mod:`elsa_jax.models.base`). The architecture is the file's (:mod:`elsa_jax.models.registry`). With a
-  ``mesh``, safetensors weights are read shard by shard straight into their
-  training shardings (each process reads only its devices' slices); GGUF
-  files (block-quantised) are read whole and placed later.
-  """
-  from transformers import AutoTokenizer
-
-  if spec == DEFAULT_MODEL:
-    path = assets.default_model_path()
-    model, config = models.from_gguf(path, param_dtype=param_dtype)
-    tokenizer = assets.default_tokenizer()
-  elif spec.endswith(".gguf"):
-    if not os.path.exists(spec):
-      raise FileNotFoundError(f"no GGUF file at {spec}; check the --model path.")
-    model, config = models.from_gguf(spec, param_dtype=param_dtype)
-    tokenizer = models.tokenizer_from_gguf(spec)
-  else:
-    shardings = None
-    if mesh is not None:
-      shardings = lambda p, axes: sharding_lib.param_shardings(axes, p, mesh, sharding_lib.DEFAULT_RULES)
-    model, config = models.from_pretrained(spec, param_dtype=param_dtype, shardings=shardings)
-    tokenizer = AutoTokenizer.from_pretrained(spec)
-  model.remat = remat
-  model.scan_layers = scan_layers
-  graphdef, params = models.split(model)
-  return LoadedModel(graphdef, params, config, tokenizer, spec)
 
 
 def _logits_fn(graphdef, compute_dtype, params=None):
@@ -284,7 +225,7 @@ class _Inputs(NamedTuple):
 
   loaded: LoadedModel
   windows: data_lib.CalibrationWindows
-  eval_ids: np.ndarray
+  eval_text: perplexity_sets.EvalText
   oneshot_ids: np.ndarray | None
 
 
@@ -296,8 +237,11 @@ def _check_run(run: config_lib.RunConfig) -> jax.sharding.Mesh:
   check_run_dir(pathlib.Path(run.output.dir))
   check_output_dir(pathlib.Path(run.output.dir) / "model", run.output.overwrite)
   for source in (run.data.calib, run.data.eval_text):
-    data_lib.check_source(source)
+    if source not in perplexity_sets.SETS:
+      data_lib.check_source(source)
   mesh = sharding_lib.make_mesh(*run.model.mesh)
+  if run.evaluation.tasks is not None:
+    check_tasks(run.evaluation.tasks)
   cfg = run.method.hyperparameters
   sharding_lib.fits_mesh(cfg.batch_size, mesh)
   check_pattern_fits(run.model.path, cfg.pattern)
@@ -322,17 +266,12 @@ def _load_inputs(run: config_lib.RunConfig, mesh: jax.sharding.Mesh) -> _Inputs:
       calib_tokens, seqlen=cfg.seqlen, batch_size=cfg.batch_size * cfg.grad_accum, seed=cfg.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
   )
-  eval_docs = data_lib.load_documents(data.eval_text, split="evaluation", text_field=data.text_field)
-  eval_ids = evaluate_lib.eval_tokens(loaded.tokenizer, eval_docs)
-  if len(eval_ids) < eval_seqlen:
-    raise ValueError(
-        f"the evaluation text has {len(eval_ids)} tokens, fewer than one window of {eval_seqlen}; "
-        f"give more text or a smaller --eval-seqlen."
-    )
+  eval_text = _evaluation_text(data.eval_text, loaded.tokenizer, seqlen=eval_seqlen, text_field=data.text_field,
+                               data_files=data.eval_data_files, flag="--eval-seqlen")
   oneshot_ids = None
   if _needs_calibration(run.method):
     oneshot_ids = calibration_ids(calib_tokens, windows=data.calib_windows, seqlen=run.calib_seqlen, seed=cfg.seed)
-  return _Inputs(loaded, windows, eval_ids, oneshot_ids)
+  return _Inputs(loaded, windows, eval_text, oneshot_ids)
 
 
 def _open_checkpointer(run: config_lib.RunConfig) -> checkpoint_lib.RunCheckpointer | None:
@@ -360,9 +299,25 @@ def _start_summary(run: config_lib.RunConfig, inputs: _Inputs) -> dict[str, Any]
   return summary
 
 
+def _evaluation_text(source: str, tokenizer: Any, *, seqlen: int, text_field: str, data_files: Any,
+                     flag: str) -> perplexity_sets.EvalText:
+  """The evaluation text's ids (a standard set by name, or any text source); refuses one shorter than a window."""
+  text = perplexity_sets.evaluation_text(source, tokenizer, text_field=text_field, data_files=data_files)
+  if len(text.ids) < seqlen:
+    raise ValueError(f"the evaluation text has {len(text.ids)} tokens, fewer than one window of {seqlen}; "
+                     f"give more text or a smaller {flag}.")
+  return text
+
+
 def _perplexity(run: config_lib.RunConfig, inputs: _Inputs, params: Any) -> float:
-  return perplexity_of(inputs.loaded, params, inputs.eval_ids, seqlen=run.evaluation.seqlen,
-                       max_windows=run.evaluation.windows)
+  seqlen = run.evaluation.seqlen
+  return perplexity_of(inputs.loaded, params, inputs.eval_text.ids, seqlen=seqlen,
+                       max_windows=inputs.eval_text.windows(seqlen, run.evaluation.windows))
+
+
+def _ppl_line(inputs: _Inputs, run: config_lib.RunConfig, what: str, value: float) -> str:
+  """``"dense wikitext2 perplexity @2048: 5.678"``: every printed figure names its text and seqlen."""
+  return f"{what} {inputs.eval_text.label(run.evaluation.seqlen)}: {value:.3f}"
 
 
 def _sparsity_target(cfg: train.ElsaConfig) -> tuple[float, tuple[int, int] | None]:
@@ -375,12 +330,12 @@ def _evaluate_baselines(run: config_lib.RunConfig, inputs: _Inputs, summary: dic
   cfg, loaded = run.method.hyperparameters, inputs.loaded
   if run.evaluation.dense:
     summary["dense_ppl"] = _perplexity(run, inputs, loaded.params)
-    print(f"dense perplexity: {summary['dense_ppl']:.3f}", flush=True)
+    print(_ppl_line(inputs, run, "dense", summary["dense_ppl"]), flush=True)
   sparsity, _ = _sparsity_target(cfg)
   if run.evaluation.compare_magnitude and run.method.name != "magnitude":
     mag = finalize_lib.finalize(loaded.params, sparsity=sparsity, pattern=cfg.pattern, projection="magnitude")
     summary["magnitude_ppl"] = _perplexity(run, inputs, mag)
-    print(f"magnitude {cfg.pattern} {output.percent(sparsity)} perplexity: {summary['magnitude_ppl']:.3f}",
+    print(_ppl_line(inputs, run, f"magnitude {cfg.pattern} {output.percent(sparsity)}", summary["magnitude_ppl"]),
           flush=True)
     del mag
 
@@ -411,8 +366,8 @@ def _train(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh,
     start_params = _oneshot(run, inputs, init_method, summary)
     if init_method != "magnitude" or not run.evaluation.compare_magnitude:
       summary[f"{init_method}_ppl"] = _perplexity(run, inputs, start_params)
-      print(f"{init_method} (the starting point) {cfg.pattern} {output.percent(sparsity)} perplexity: "
-            f"{summary[f'{init_method}_ppl']:.3f}", flush=True)
+      print(_ppl_line(inputs, run, f"{init_method} (the starting point) {cfg.pattern} {output.percent(sparsity)}",
+                      summary[f"{init_method}_ppl"]), flush=True)
   try:
     result = train.run(
         loaded.graphdef, start_params, cfg, inputs.windows.batch, mesh=mesh,
@@ -438,12 +393,51 @@ def _export_pruned(run: config_lib.RunConfig, inputs: _Inputs, pruned: Any, summ
   cfg, name = run.method.hyperparameters, run.method.name
   check_finite_weights(pruned, f"the {name}-pruned weights")
   summary[f"{name}_ppl"] = _perplexity(run, inputs, pruned)
-  print(f"{name} {cfg.pattern} {output.percent(train.pattern_sparsity(cfg))} perplexity: "
-        f"{summary[f'{name}_ppl']:.3f}", flush=True)
+  print(_ppl_line(inputs, run, f"{name} {cfg.pattern} {output.percent(train.pattern_sparsity(cfg))}",
+                  summary[f"{name}_ppl"]), flush=True)
   summary["sparsity"] = finalize_lib.sparsity_report(jax.device_get(pruned))["overall"]
   if jax.process_index() == 0:
     export(inputs.loaded, pruned, pathlib.Path(run.output.dir) / "model", overwrite=run.output.overwrite,
            extra={"summary": summary})
+
+
+def harness():
+  """:mod:`elsa_jax.harness`, or a ValueError that says how to install lm-eval (the optional extra)."""
+  try:
+    from elsa_jax import harness as harness_lib
+  except ImportError as err:
+    raise ValueError(f"zero-shot tasks run through lm-evaluation-harness, which is not installed ({err}); "
+                     f"pip install 'elsa_jax[eval]'.") from None
+  return harness_lib
+
+
+def check_tasks(spec: config_lib.TaskSpec) -> None:
+  """Refuses, before any weight is read, tasks that lm-eval does not know (or a missing lm-eval)."""
+  harness().zero_shot.task_manager(spec.tasks, spec.include_path)
+
+
+def zero_shot(model: LoadedModel, params: Any, spec: config_lib.TaskSpec, *, mesh: jax.sharding.Mesh | None = None,
+              compute_dtype: str = "float32") -> dict[str, Any]:
+  """lm-eval's results of ``spec``'s tasks on ``model`` with ``params`` (the JAX backend, in memory)."""
+  lib = harness()
+  lm = lib.ElsaLM(model=model, params=params, batch_size=spec.batch_size, dtype=compute_dtype, mesh=mesh)
+  return lib.evaluate(lm, spec.tasks, include_path=spec.include_path, num_fewshot=spec.num_fewshot,
+                      limit=spec.limit)
+
+
+def _zero_shot_pruned(run: config_lib.RunConfig, inputs: _Inputs, pruned: Any, mesh: jax.sharding.Mesh,
+                      summary: dict[str, Any]) -> None:
+  """The ``--eval-tasks`` of the pruned model: lm-eval's table printed, scores in the summary and
+  lm-eval's whole results in ``output/zero_shot.json``."""
+  spec = run.evaluation.tasks
+  if spec is None:
+    return
+  results = zero_shot(inputs.loaded, pruned, spec, mesh=mesh)
+  lib = harness()
+  summary["zero_shot"] = lib.task_scores(results)
+  print(lib.results_table(results), flush=True)
+  if jax.process_index() == 0:
+    assets.atomic_write_bytes(pathlib.Path(run.output.dir) / "zero_shot.json", lib.zero_shot.to_json(results).encode())
 
 
 def _write_summary(run: config_lib.RunConfig, summary: dict[str, Any], t0: float) -> None:
@@ -495,29 +489,52 @@ def _prune_locked(run: config_lib.RunConfig, mesh: jax.sharding.Mesh, t0: float,
   else:
     pruned = _oneshot(run, inputs, run.method.name, summary)
   _export_pruned(run, inputs, pruned, summary)
+  _zero_shot_pruned(run, inputs, pruned, mesh, summary)
   _write_summary(run, summary, t0)
   return summary
 
 
-def evaluate(model: str = DEFAULT_MODEL, eval_text: str = DEFAULT_TEXT, *, seqlen: int = 1024,
-             windows: int = 0, text_field: str = "text", compute_dtype: str = "float32") -> dict[str, Any]:
-  """Perplexity (the field's protocol) and sparsity report of a model."""
+def evaluate(model: str = DEFAULT_MODEL, eval_text: str | None = DEFAULT_TEXT, *, seqlen: int = 1024,
+             windows: int = 0, text_field: str = "text", compute_dtype: str = "float32",
+             eval_data_files: str | None = None, tasks: config_lib.TaskSpec | None = None,
+             mesh: tuple[int, int] | None = None) -> dict[str, Any]:
+  """Perplexity (the field's protocol), zero-shot tasks (lm-eval) and sparsity report of a model.
+
+  Args:
+    model: What :func:`load_model` loads.
+    eval_text: The perplexity text (a standard set by name, or any text source); None: no perplexity.
+    seqlen, windows: Tokens per perplexity window, and at most this many windows (0: all, or the set's cap).
+    text_field, eval_data_files: See :func:`elsa_jax.data.perplexity_sets.evaluation_text`.
+    compute_dtype: Dtype the parameters compute in.
+    tasks: lm-eval tasks to run, or None.
+    mesh: ``(data, model)`` mesh sizes for the zero-shot tasks, or None for one device.
+
+  Returns:
+    ``model``, ``sparsity``; with a text ``perplexity``, ``seqlen``, ``windows``, ``eval_text``; with
+    tasks ``zero_shot`` (the scores per task) and ``lm_eval`` (lm-eval's whole results).
+  """
   config_lib.positive("--seqlen", seqlen)
   config_lib.positive("--windows", windows, allow_zero=True)
   checks.check_choice("compute_dtype", compute_dtype, train.CHOICES["compute_dtype"])
-  data_lib.check_source(eval_text)
+  if eval_text is not None and eval_text not in perplexity_sets.SETS:
+    data_lib.check_source(eval_text)
+  if tasks is not None:
+    check_tasks(tasks)
+  device_mesh = sharding_lib.make_mesh(*mesh) if mesh is not None else None
   loaded = load_model(model)
-  docs = data_lib.load_documents(eval_text, split="evaluation", text_field=text_field)
-  ids = evaluate_lib.eval_tokens(loaded.tokenizer, docs)
-  if len(ids) < seqlen:
-    raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than one window of {seqlen}; "
-                     f"give more text or a smaller --seqlen.")
-  n_windows = len(ids) // seqlen if not windows else min(windows, len(ids) // seqlen)
-  ppl = perplexity_of(loaded, loaded.params, ids, seqlen=seqlen, max_windows=windows,
-                      compute_dtype=compute_dtype)
-  report = finalize_lib.sparsity_report(jax.device_get(loaded.params))
-  return {"model": model, "perplexity": ppl, "seqlen": seqlen, "windows": n_windows,
-          "sparsity": report["overall"]}
+  out: dict[str, Any] = {"model": model}
+  if eval_text is not None:
+    text = _evaluation_text(eval_text, loaded.tokenizer, seqlen=seqlen, text_field=text_field,
+                            data_files=eval_data_files, flag="--seqlen")
+    n_windows = text.windows(seqlen, windows)
+    out.update(eval_text=eval_text, label=text.label(seqlen), seqlen=seqlen, windows=n_windows,
+               perplexity=perplexity_of(loaded, loaded.params, text.ids, seqlen=seqlen, max_windows=n_windows,
+                                        compute_dtype=compute_dtype))
+  out["sparsity"] = finalize_lib.sparsity_report(jax.device_get(loaded.params))["overall"]
+  if tasks is not None:
+    results = zero_shot(loaded, loaded.params, tasks, mesh=device_mesh, compute_dtype=compute_dtype)
+    out.update(zero_shot=harness().task_scores(results), lm_eval=results)
+  return out
 
 
 def export_run(run_dir: str | pathlib.Path, output: str | pathlib.Path | None = None, *,

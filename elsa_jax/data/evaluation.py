@@ -72,9 +72,9 @@ class PerplexityResult:
     return self.perplexity
 
 
-def eval_tokens(tokenizer: Any, docs: Sequence[str], *,
+def eval_tokens(tokenizer: Any, docs: Sequence[str], *, separator: str = "\n\n",
                 cache_dir: str | os.PathLike[str] | None = None) -> np.ndarray:
-  """Tokenises the evaluation text the field's way: ``"\\n\\n".join(docs)``, once.
+  """Tokenises the evaluation text the field's way: ``separator.join(docs)``, once.
 
   The tokenizer's default special tokens are added, as in the published
   evaluation scripts (a single BOS at the very start for LLaMA tokenizers;
@@ -84,12 +84,14 @@ def eval_tokens(tokenizer: Any, docs: Sequence[str], *,
   Args:
     tokenizer: A ``transformers`` tokenizer.
     docs: The evaluation documents.
+    separator: What joins them: ``"\\n\\n"`` (WikiText-2 and the default), ``" "`` (C4); see
+      :mod:`elsa_jax.data.perplexity_sets`.
     cache_dir: Folder of the token cache; None for ``<cache>/tokens``.
 
   Returns:
     The int32 token ids of the whole evaluation text.
   """
-  (ids,) = data_lib.cached_encode(tokenizer, ["\n\n".join(docs)], kind="evaluation", add_special_tokens=True,
+  (ids,) = data_lib.cached_encode(tokenizer, [separator.join(docs)], kind="evaluation", add_special_tokens=True,
                                   append_id=None, cache_dir=cache_dir)
   return ids
 

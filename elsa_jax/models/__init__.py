@@ -23,9 +23,11 @@ from the file or the object they are given.
 
 from elsa_jax.models import base
 from elsa_jax.models import gemma
+from elsa_jax.models import generate
 from elsa_jax.models import gguf_file
 from elsa_jax.models import gguf_tokenizer
 from elsa_jax.models import hf
+from elsa_jax.models import kv_cache
 from elsa_jax.models import llama
 from elsa_jax.models import mistral
 from elsa_jax.models import qwen2

@@ -105,6 +105,13 @@ class Architecture:
     gguf_architecture: GGUF's ``general.architecture`` of this family (None:
       ``model_type``).
 
+  Decoding (:mod:`elsa_jax.models.generate`):
+    init_cache: ``init_cache(model, *, batch, length) -> None``: gives every
+      attention module of ``model`` an empty :class:`elsa_jax.models.kv_cache.KVCache`
+      of ``length`` slots, in place, after which ``model(input_ids, positions)``
+      decodes through it; or None (generation then recomputes the whole prefix
+      at every step).
+
   One-shot layer walk (:mod:`elsa_jax.oneshot.walk`):
     embed: ``embed(params, input_ids, compute_dtype) -> hidden [B, T, D]``,
       what the first decoder layer reads.
@@ -145,6 +152,7 @@ class Architecture:
   config_from_gguf: Callable[[Any], Any] | None = None
   from_gguf: Callable[..., tuple[Any, Any]] | None = None
   gguf_architecture: str | None = None
+  init_cache: Callable[..., None] | None = None
 
   def __repr__(self) -> str:
     return f"Architecture(model_type={self.model_type!r}, model_class={self.model_class.__qualname__})"

@@ -18,6 +18,7 @@ from elsa_jax.run import checkpoint
 from elsa_jax.run import checks
 from elsa_jax.run import checksums
 from elsa_jax.run import distributed
+from elsa_jax.run import loading
 from elsa_jax.run import lock
 from elsa_jax.run import memory
 from elsa_jax.run import sharding

@@ -62,6 +62,10 @@ def test_flags_override_the_preset_and_only_the_flags_given():
     (["--eval-windows", "-1"], "--eval-windows"),
     (["--checkpoint-every", "-1"], "--checkpoint-every"),
     (["--keep", "0"], "--keep"),
+    (["--eval-tasks", "boolq", "--include-path", "/no/such/folder"], "--include-path"),
+    (["--eval-tasks", "boolq", "--num-fewshot", "-1"], "--num-fewshot"),
+    (["--eval-tasks", "boolq", "--task-batch-size", "0"], "--task-batch-size"),
+    (["--limit", "5"], "--limit"),
 ])
 def test_a_bad_value_in_each_section_is_refused_naming_its_flag(flags, flag, capsys, tmp_path):
   with pytest.raises(ValueError, match=flag):
@@ -158,6 +162,6 @@ def test_a_run_writes_the_old_run_config_summary_and_lines(tiny_run, tmp_path, c
   assert len(summary["config"]) == len(dataclasses.fields(train.ElsaConfig))
   lines = capsys.readouterr().out.splitlines()
   assert [line.split(":")[0] for line in lines] == [
-      "dense perplexity", "magnitude unstructured 60% perplexity", "elsa unstructured 60% perplexity",
+      "dense perplexity @32", "magnitude unstructured 60% perplexity @32", "elsa unstructured 60% perplexity @32",
       f"wrote the pruned model to {out / 'model'}", '{"dense_ppl"']
   assert json.loads(lines[-1]) == {k: round(summary[k], 3) for k in ("dense_ppl", "magnitude_ppl", "elsa_ppl")}

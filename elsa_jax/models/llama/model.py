@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from elsa_jax.models import kv_cache
 from elsa_jax.models.base import REMAT_POLICIES, merge, remat_policy, split  # noqa: F401  (re-exported)
 from elsa_jax.models.llama.attention import (  # noqa: F401  (re-exported)
     ATTENTION_CHUNK,
@@ -125,8 +126,12 @@ class LlamaAttention(nnx.Module):
     inv_freq = rope_inv_freq(c, self.layer_type)  # a trace-time constant
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    out = causal_attention(q, k, v, scale=c.attention_scale, sliding_window=c.attention_window(self.layer_type),
-                           logit_softcap=c.attention_softcap)
+    options = dict(scale=c.attention_scale, sliding_window=c.attention_window(self.layer_type),
+                   logit_softcap=c.attention_softcap)
+    if kv_cache.has_cache(self):  # decoding (init_cache): attend over the keys and values of earlier calls too
+      out = kv_cache.cached_attention(self, q, k, v, positions, **options)
+    else:
+      out = causal_attention(q, k, v, **options)
     return out.reshape(b, t, self.num_heads * self.head_dim)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -332,6 +337,16 @@ Llama.__init__ = _with_lazy_sharding(Llama.__init__)
 def apply(graphdef: Any, params: dict, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
   """Logits of the model ``merge(graphdef, params)``: a pure function for jit/grad."""
   return merge(graphdef, params)(input_ids, positions)
+
+
+def init_cache(model: Llama, *, batch: int, length: int) -> None:
+  """Gives every attention layer of ``model`` an empty KV cache of ``length`` slots (in place; see
+  :mod:`elsa_jax.models.kv_cache`), in the model's compute dtype."""
+  c = model.config
+  dtype = model.dtype or model.embed_tokens.embedding[...].dtype
+  for layer in model.layers:
+    kv_cache.attach(layer.self_attn, kv_cache.init(batch=batch, length=length, num_kv_heads=c.num_key_value_heads,
+                                                   head_dim=c.head_dim, dtype=dtype))
 
 
 def logical_axes(model: Llama) -> dict:
