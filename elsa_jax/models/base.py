@@ -98,10 +98,14 @@ class Architecture:
       param_dtype=float32, shardings=None) -> (model, config)``: an HF
       directory (config.json + safetensors); ``shardings`` is None or
       ``(abstract_params, logical_axes) -> tree of jax.sharding.Sharding``.
+      It reads the tensors through
+      :func:`elsa_jax.models.safetensors_dir.open_checkpoint` (HF names,
+      slices), so that compact sparse directories load like dense ones.
     from_gguf: ``from_gguf(path, *, param_dtype=float32) -> (model, config)``, or None.
     save_pretrained: ``save_pretrained(model or (graphdef, params), config,
       path, *, dtype=None, overwrite=False) -> path``: an HF directory that
-      transformers loads.
+      transformers loads (dense; the registry's ``save_pretrained`` compacts
+      it for ``sparse_format="bitmask"``).
     gguf_architecture: GGUF's ``general.architecture`` of this family (None:
       ``model_type``).
 

@@ -166,7 +166,13 @@ def unpack_uints(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
 def max_group_count(x: np.ndarray, m: int) -> int:
   """The most nonzeros in any group of ``m`` consecutive columns of ``x`` (``cols % m == 0``)."""
   mask = nonzero_mask(x)
-  return int(mask.reshape(mask.shape[0], -1, m).sum(axis=-1).max(initial=0))
+  return int(mask.reshape(mask.shape[0], -1, m).sum(axis=-1, dtype=np.int8).max(initial=0))
+
+
+def _group_codes(groups: np.ndarray) -> np.ndarray:
+  """Bool ``[..., m]`` -> int64 ``[...]``, bit ``j`` for position ``j`` of the group."""
+  packed = np.packbits(groups, axis=-1, bitorder="little").astype(np.int64)
+  return (packed << (8 * np.arange(packed.shape[-1]))).sum(axis=-1)
 
 
 def encode_nm(x: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -179,15 +185,14 @@ def encode_nm(x: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
   if cols % m:
     raise ValueError(f"an {n}:{m} layout needs columns divisible by {m}, got {cols}")
   nonzero = nonzero_mask(x).reshape(rows, cols // m, m)
-  if nonzero.sum(axis=-1).max(initial=0) > n:
+  if nonzero.sum(axis=-1, dtype=np.int8).max(initial=0) > n:
     raise ValueError(f"the matrix has a group of {m} with more than {n} nonzeros; it is not {n}:{m} sparse")
-  keep = np.argsort(~nonzero, axis=-1, kind="stable")[..., :n]  # the nonzeros, then the first zeros
-  chosen = np.zeros_like(nonzero)
-  np.put_along_axis(chosen, keep, True, axis=-1)
+  deficit = n - nonzero.sum(axis=-1, keepdims=True, dtype=np.int8)  # such groups keep their first zeros
+  chosen = nonzero if not deficit.any() else nonzero | (~nonzero & (np.cumsum(~nonzero, axis=-1) <= deficit))
   rank = np.full(1 << m, -1, np.int64)
   patterns = nm_patterns(n, m)
-  rank[patterns @ (1 << np.arange(m))] = np.arange(len(patterns))
-  index = rank[chosen @ (1 << np.arange(m))]
+  rank[_group_codes(patterns)] = np.arange(len(patterns))
+  index = rank[_group_codes(chosen)]
   values = x.reshape(rows, cols // m, m)[chosen].reshape(rows, cols // m * n)
   return np.ascontiguousarray(values), pack_uints(index, nm_index_bits(n, m))
 
