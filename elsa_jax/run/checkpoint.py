@@ -109,6 +109,20 @@ def _no_space(err: BaseException) -> bool:
   return False
 
 
+class _OrbaxFailureFilter(logging.Filter):
+  """Drops orbax's own tracebacks of a failed save (tensorstore's, pages long): :meth:`RunCheckpointer.wait`
+  raises the failure instead, in one line that names the step and what to do."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_orbax_failures() -> None:
+  absl = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxFailureFilter) for f in absl.filters):
+    absl.addFilter(_OrbaxFailureFilter())
+
+
 def _sync(name: str) -> None:
   """All processes meet here (after process 0 changed files they are about to read)."""
   if jax.process_count() > 1:
@@ -211,9 +225,9 @@ class RunCheckpointer:
         enable_async_checkpointing=True,  # also for async_save=False (then waited for), for the callback
         create=False,  # the folder appears with the first step
         cleanup_tmp_directories=not read_only,  # a killed run's partial step (the run folder is locked)
-        read_only=read_only,
         async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
     )
+    _quiet_orbax_failures()
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def _check_config(self) -> None:
@@ -334,6 +348,8 @@ class RunCheckpointer:
 
   def save(self, step: int, params: Any, opt_state: Any) -> None:
     """Starts saving the state reached after ``step`` optimizer steps (waits for the previous save first)."""
+    if self._read_only:
+      raise ValueError(f"{self.directory} was opened read-only (for export); it takes no new checkpoint.")
     self.wait()
     self._saving = step
     try:

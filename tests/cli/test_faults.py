@@ -42,7 +42,9 @@ def _run_config(tiny_run, out):
 
 
 def _start(tiny_run, out, log) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  # One persistent compilation cache for the killed runs halves their CPU time (same executables).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=str(tiny_run[0] / "xla-cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return subprocess.Popen([sys.executable, "-m", "elsa_jax.cli", *_argv(tiny_run, out)], env=env,
                           stdout=subprocess.DEVNULL, stderr=log)
 
@@ -164,18 +166,19 @@ def test_a_bit_flip_and_a_deleted_file_fall_back_to_the_previous_step(tiny_run, 
   rng = np.random.default_rng()
   out = tiny_run[0] / "faults-damage"
   run = _run_config(tiny_run, out)
-  pipeline.prune(run, stop_after=8, progress=False)  # steps 6 and 8 kept
-  victim = _flip_a_bit(out / "checkpoints" / "8", rng)
+  newest = out / "checkpoints" / "4"
+  pipeline.prune(run, stop_after=4, progress=False)  # steps 2 and 4 kept
+  victim = _flip_a_bit(newest, rng)
   with caplog.at_level(logging.WARNING):
-    pipeline.prune(run, stop_after=2, progress=False)  # falls back to 6, writes 8 again
-  assert f"checkpoint step 8 ({out / 'checkpoints' / '8'}) is damaged: " in caplog.text
-  assert f"{victim.relative_to(out / 'checkpoints' / '8')} does not match its checksum" in caplog.text
+    pipeline.prune(run, stop_after=2, progress=False)  # falls back to 2, writes 4 again
+  assert f"checkpoint step 4 ({newest}) is damaged: " in caplog.text
+  assert f"{victim.relative_to(newest)} does not match its checksum" in caplog.text
   caplog.clear()
-  gone = max((out / "checkpoints" / "8").rglob("*.ocdbt"), key=lambda p: len(str(p)))
+  gone = max(newest.rglob("*.ocdbt"), key=lambda p: len(str(p)))
   gone.unlink()
   with caplog.at_level(logging.WARNING):
-    pipeline.prune(run, progress=False)  # falls back to 6 again, and finishes
-  assert f"{gone.relative_to(out / 'checkpoints' / '8')} is missing" in caplog.text
+    pipeline.prune(run, progress=False)  # falls back to 2 again, and finishes
+  assert f"checkpoint step 4 ({newest}) is damaged: {gone.relative_to(newest)} is missing" in caplog.text
   _assert_same_model(_tensors(out / "model"), ref)
 
 
@@ -244,9 +247,6 @@ def test_a_full_disk_during_checkpoint_and_export_loses_nothing(tiny_run, refere
     with pytest.raises(Exception, match="No space left"):
       pipeline.export_run(out, overwrite=True)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
-    _assert_same_model(_tensors(out / "model"), ref)
-    filler.unlink()
-    pipeline.export_run(out, overwrite=True)
     _assert_same_model(_tensors(out / "model"), ref)
   finally:
     subprocess.run(["umount", "-l", str(disk)], check=False)

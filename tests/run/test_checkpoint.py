@@ -141,7 +141,7 @@ def test_a_killed_runs_partial_step_is_cleaned_at_the_next_start(tmp_path):
   assert not partial.exists()
 
 
-def test_a_failed_write_keeps_the_previous_step_and_says_what_to_do(tmp_path, monkeypatch):
+def test_a_failed_write_keeps_the_previous_step_and_says_what_to_do(tmp_path, monkeypatch, caplog):
   directory = tmp_path / "checkpoints"
   ckpt = checkpoint_lib.RunCheckpointer(directory, config=_CONFIG, save_every=1)
   ckpt.save(1, *_state(1))
@@ -154,6 +154,7 @@ def test_a_failed_write_keeps_the_previous_step_and_says_what_to_do(tmp_path, mo
   ckpt.save(2, *_state(2))
   with pytest.raises(checkpoint_lib.CheckpointWriteError, match=r"step 2 .*step 1 is kept\. Free disk space"):
     ckpt.wait()
+  assert not [r for r in caplog.records if r.exc_info]  # orbax's own traceback is not printed
   monkeypatch.undo()
   ckpt.close()
   assert sorted(p.name for p in directory.iterdir()) == ["1", checkpoint_lib.CONFIG_FILE]
