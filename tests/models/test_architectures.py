@@ -63,9 +63,9 @@ def test_an_unknown_model_type_names_the_supported_ones(tmp_path):
   hf_config = hf.read_config(directory)
   (directory / "config.json").write_text(json.dumps(dict(hf_config, model_type="gpt2")))
   for load in (models.from_pretrained, models.config_from_pretrained, jobs.load_model, jobs.model_config):
-    with pytest.raises(ValueError, match=r"model_type 'gpt2' .*config\.json.* not supported.*supports: llama"):
+    with pytest.raises(ValueError, match=r"model_type 'gpt2' .*config\.json.* not supported.*supports: .*llama"):
       load(str(directory))
-  with pytest.raises(ValueError, match="supports: llama"):
+  with pytest.raises(ValueError, match="supports: .*llama"):
     models.architecture("gpt2")
   with pytest.raises(ValueError, match="not the model or config of a registered architecture"):
     models.architecture_of(object())
