@@ -9,6 +9,12 @@ calibration and evaluation text.
   python scripts/bench_quality.py --preset cpu                   # 2-core CPU, short budget (~1 h)
   python scripts/bench_quality.py --preset full                  # one GPU: 1024 x 8 x 1024 tokens
   python scripts/bench_quality.py --methods elsa,magnitude --sparsities 0.7,0.9 --preset full
+  python scripts/bench_quality.py --preset full --tasks boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa
+
+With ``--tasks`` (lm-eval task names; needs the ``eval`` extra), every pruned
+model and the dense one are also scored zero-shot through the JAX backend
+(:mod:`elsa_jax.harness`), and a second table gives each task's accuracy
+(``acc``, else the task's first metric) and their mean.
 
 The trained methods (ELSA, SAFE) start from ``--init-method``: the dense
 model (the papers' setting, and the default of the GPU presets) or a one-shot
@@ -56,8 +62,17 @@ def main() -> None:
   ap.add_argument("--init-method", help="start of elsa/safe: dense | wanda | sparsegpt | magnitude "
                                         "(default: wanda for the cpu preset, dense otherwise)")
   ap.add_argument("--calib-windows", type=int, help="one-shot calibration windows (default: the preset's)")
+  ap.add_argument("--tasks", help="comma-separated lm-eval tasks: adds zero-shot columns (pip install '.[eval]')")
+  ap.add_argument("--include-path", help="a folder of extra lm-eval task YAMLs")
+  ap.add_argument("--num-fewshot", type=int)
+  ap.add_argument("--limit", type=float, help="documents per task (a fraction if < 1)")
   ap.add_argument("--out-dir", default="results")
   args = ap.parse_args()
+  tasks = None
+  if args.tasks:
+    limit = None if args.limit is None else (args.limit if args.limit < 1 else int(args.limit))
+    tasks = config_lib.TaskSpec(tuple(args.tasks.split(",")), include_path=args.include_path,
+                                num_fewshot=args.num_fewshot, limit=limit)
 
   preset = config_lib.PRESETS[args.preset]
   overrides = {k: v for k, v in dict(steps=args.steps, lmda=args.lmda, lr=args.lr, interval=args.interval,
@@ -71,7 +86,7 @@ def main() -> None:
   eval_windows = preset.evaluation.windows if args.eval_windows is None else args.eval_windows
   base_run = config_lib.override(
       preset, elsa=overrides, model={"path": args.model}, data={"calib_windows": oneshot_windows},
-      evaluation={"windows": eval_windows, "compare_magnitude": False},
+      evaluation={"windows": eval_windows, "compare_magnitude": False, "tasks": tasks},
       output={"overwrite": True, "checkpoint_every": 0},
   )
   base = base_run.method.elsa
@@ -81,6 +96,7 @@ def main() -> None:
   methods = args.methods.split(",")
   targets = args.sparsities.split(",")
   results: dict[tuple[str, str], float] = {}
+  zero_shot: dict[tuple[str, str], dict] = {}
   seconds: dict[str, float] = {}
   dense = None
   t0 = time.time()
@@ -100,6 +116,8 @@ def main() -> None:
       if dense is None:
         dense = summary["dense_ppl"]
       results[(method, target)] = summary[f"{method}_ppl"]
+      if "zero_shot" in summary:
+        zero_shot[(method, target)] = summary["zero_shot"]
       seconds[f"{method}@{target}"] = summary["wall_seconds"]
       print(f"{method:10s} {target:5s} ppl {results[(method, target)]:.2f} ({time.time() - t0:.0f}s)", flush=True)
 
@@ -123,14 +141,37 @@ def main() -> None:
     label = method if method not in config_lib.ADMM_METHODS or init_method == "dense" else \
         f"{method} (from {init_method})"
     lines.append(f"| {label} | " + " | ".join("-" if c is None else _fmt(c) for c in cells) + " |")
+  if tasks is not None:
+    zero_shot[("dense", "0%")] = pipeline.evaluate(args.model, None, tasks=tasks)["zero_shot"]
+    lines += ["", *_zero_shot_table(zero_shot, tasks.tasks)]
   table = "\n".join(lines)
   print(table)
   stem = f"quality-{name}"
   (out_dir / f"{stem}.md").write_text(table + "\n")
   (out_dir / f"{stem}.json").write_text(json.dumps(
       {"dense": dense, "init_method": init_method, "results": {f"{m}@{t}": v for (m, t), v in results.items()},
-       "wall_seconds": seconds}, indent=2))
+       "zero_shot": {f"{m}@{t}": v for (m, t), v in zero_shot.items()}, "wall_seconds": seconds}, indent=2))
   _plot(results, dense, methods, [t for t in targets if ":" not in t], out_dir / f"{stem}.png")
+
+
+def _main_metric(scores: dict[str, float]) -> tuple[str, float] | None:
+  """A task's accuracy (``acc``), else its first metric that is not a standard error: (name, value)."""
+  if "acc,none" in scores:
+    return "acc", scores["acc,none"]
+  return next(((k.split(",")[0], v) for k, v in scores.items() if "stderr" not in k and k != "sample_len"), None)
+
+
+def _zero_shot_table(zero_shot: dict[tuple[str, str], dict], tasks: tuple[str, ...]) -> list[str]:
+  """Markdown rows: one per (method, sparsity), one column per task, and the mean of the accuracies."""
+  lines = ["| method | sparsity | " + " | ".join(tasks) + " | mean acc |", "|---" * (len(tasks) + 3) + "|"]
+  for (method, target), scores in sorted(zero_shot.items(), key=lambda kv: kv[0] != ("dense", "0%")):
+    values = [_main_metric(scores.get(t, {})) for t in tasks]
+    accs = [v for name, v in filter(None, values) if name == "acc"]
+    mean = f"{sum(accs) / len(accs):.3f}" if accs else "-"
+    cells = ["-" if v is None else (f"{v[1]:.3f}" if v[0] == "acc" else f"{v[0]} {v[1]:.4g}") for v in values]
+    label = target if ":" in target or target.endswith("%") else f"{float(target):.0%}"
+    lines.append(f"| {method} | {label} | " + " | ".join(cells) + f" | {mean} |")
+  return lines
 
 
 def _fmt(x: float) -> str:
