@@ -76,6 +76,19 @@ def check_owl(target: float, m: float, lmda: float) -> None:
                      f"{min(1.0 - target, target):g}.")
 
 
+def check_allocation(name: str, target: float, m: float = OWL_M, lmda: float = OWL_LAMBDA, *,
+                     fixed_counts: str | None = None) -> None:
+  """Refuses an unknown ``--allocation``, OWL with bad settings, or OWL over a pattern whose
+  counts are fixed (``fixed_counts``: its spelling, e.g. ``"2:4"``)."""
+  if name not in ALLOCATIONS:
+    raise ValueError(f"unknown --allocation {name!r}; choose one of {', '.join(ALLOCATIONS)}.")
+  if name == "owl":
+    if fixed_counts:
+      raise ValueError(f"--allocation owl spreads an unstructured or per-row budget over the layers; the "
+                       f"{fixed_counts} pattern fixes every group's count: drop one of them.")
+    check_owl(target, m, lmda)
+
+
 def owl_layer_sparsities(scores_per_layer: Sequence[Sequence], target: float, m: float = OWL_M,
                          lmda: float = OWL_LAMBDA) -> list[float]:
   """OWL's per-layer sparsities: fewer pruned where a layer has more outliers.
@@ -170,5 +183,5 @@ def mean_sparsity(sizes: Sequence[int], sparsities: Sequence[float]) -> float:
   return sum(int(round(s * n)) for n, s in zip(sizes, sparsities)) / total if total else 0.0
 
 
-__all__ = ["ALLOCATIONS", "OWL_M", "OWL_LAMBDA", "outlier_ratio", "check_owl", "owl_layer_sparsities", "owl_from_ratios",
+__all__ = ["ALLOCATIONS", "OWL_M", "OWL_LAMBDA", "outlier_ratio", "check_owl", "check_allocation", "owl_layer_sparsities", "owl_from_ratios",
            "exact_sparsities", "mean_sparsity"]
