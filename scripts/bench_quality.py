@@ -44,10 +44,17 @@ ALL_PATTERNS = ("0.5", "0.6", "0.7", "0.8", "0.9", "2:4")
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", default="default")
+  ap.add_argument("--calib", default="default", help="calibration text (as elsa-jax prune --calib)")
+  ap.add_argument("--eval-text", default="default", help="held-out text (as elsa-jax prune --eval-text)")
   ap.add_argument("--preset", default="cpu", choices=sorted(config_lib.PRESETS))
   ap.add_argument("--methods", default=",".join(ALL_METHODS))
   ap.add_argument("--sparsities", default=",".join(ALL_PATTERNS), help="fractions and/or N:M patterns")
   ap.add_argument("--steps", type=int, help="override the preset's ELSA steps")
+  ap.add_argument("--batch-size", type=int, help="override the preset's sequences per step")
+  ap.add_argument("--seqlen", type=int, help="override the preset's tokens per sequence (and one-shot window)")
+  ap.add_argument("--allocation", choices=("uniform", "owl", "global"), help="how the sparsity is spread")
+  ap.add_argument("--finetune-steps", type=int, help="masked recovery after every method (steps)")
+  ap.add_argument("--finetune-lr", type=float, help="its learning rate")
   ap.add_argument("--lmda", type=float)
   ap.add_argument("--lr", type=float)
   ap.add_argument("--interval", type=int, help="override the preset's z/u interval")
@@ -59,6 +66,7 @@ def main() -> None:
   ap.add_argument("--score-dtype", help="grad_ema score storage (float32 | bfloat16 | int8)")
   ap.add_argument("--tag", default="", help="suffix of the output files, to keep the tables of a sweep apart")
   ap.add_argument("--eval-windows", type=int)
+  ap.add_argument("--eval-seqlen", type=int, help="override the preset's perplexity window")
   ap.add_argument("--init-method", help="start of elsa/safe: dense | wanda | sparsegpt | magnitude "
                                         "(default: wanda for the cpu preset, dense otherwise)")
   ap.add_argument("--calib-windows", type=int, help="one-shot calibration windows (default: the preset's)")
@@ -75,18 +83,23 @@ def main() -> None:
                                 num_fewshot=args.num_fewshot, limit=limit)
 
   preset = config_lib.PRESETS[args.preset]
-  overrides = {k: v for k, v in dict(steps=args.steps, lmda=args.lmda, lr=args.lr, interval=args.interval,
+  overrides = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen,
+                                     allocation=args.allocation, lmda=args.lmda, lr=args.lr, interval=args.interval,
                                      score_source=args.score_source,
                                      lmda_schedule=args.lmda_schedule, state_dtype=args.state_dtype,
                                      moment_dtype=args.moment_dtype, score_dtype=args.score_dtype).items()
                if v is not None}
   init_method = args.init_method or ("wanda" if args.preset == "cpu" else "dense")
   oneshot_windows = args.calib_windows or preset.data.calib_windows
-  eval_seqlen = preset.evaluation.seqlen
+  eval_seqlen = args.eval_seqlen or preset.evaluation.seqlen
   eval_windows = preset.evaluation.windows if args.eval_windows is None else args.eval_windows
+  finetune = {k: v for k, v in dict(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr).items()
+              if v is not None}
   base_run = config_lib.override(
-      preset, elsa=overrides, model={"path": args.model}, data={"calib_windows": oneshot_windows},
-      evaluation={"windows": eval_windows, "compare_magnitude": False, "tasks": tasks},
+      preset, elsa=overrides, model={"path": args.model},
+      data={"calib_windows": oneshot_windows, "calib": args.calib, "eval_text": args.eval_text},
+      method=finetune, evaluation={"windows": eval_windows, "compare_magnitude": False, "seqlen": eval_seqlen,
+                                   "tasks": tasks},
       output={"overwrite": True, "checkpoint_every": 0},
   )
   base = base_run.method.elsa
@@ -127,7 +140,8 @@ def main() -> None:
       f"model {args.model}, preset {args.preset} (ELSA/SAFE {base.steps} steps x {base.batch_size} x "
       f"{base.seqlen} tokens from {init_method}, lr {base.lr}, lmda {base.lmda}, interval {base.interval}, "
       f"score {base.score_source}, lmda schedule {base.lmda_schedule}, SAFE rho {config_lib.SAFE_RHO}; Wanda/SparseGPT {oneshot_windows} windows x "
-      f"{base.seqlen}), "
+      f"{base.seqlen}; allocation {base.allocation}"
+      f"{'' if not args.finetune_steps else f'; then {args.finetune_steps} masked-recovery steps at lr {base_run.method.finetune_lr}'}), "
       f"eval seqlen {eval_seqlen}, windows {eval_windows or 'all'}, device {device}, {datetime.date.today()}, "
       f"dense perplexity {dense:.3f}",
       "",
@@ -150,7 +164,9 @@ def main() -> None:
   (out_dir / f"{stem}.md").write_text(table + "\n")
   (out_dir / f"{stem}.json").write_text(json.dumps(
       {"dense": dense, "init_method": init_method, "results": {f"{m}@{t}": v for (m, t), v in results.items()},
-       "zero_shot": {f"{m}@{t}": v for (m, t), v in zero_shot.items()}, "wall_seconds": seconds}, indent=2))
+       "zero_shot": {f"{m}@{t}": v for (m, t), v in zero_shot.items()}, "wall_seconds": seconds,
+       "eval_seqlen": eval_seqlen, "eval_windows": eval_windows,
+       "device": device, "date": str(datetime.date.today())}, indent=2))
   _plot(results, dense, methods, [t for t in targets if ":" not in t], out_dir / f"{stem}.png")
 
 

@@ -146,6 +146,7 @@ def main() -> None:
   ap.add_argument("--scan-layers", action="store_true")
   ap.add_argument("--variant", choices=sorted(VARIANTS), help="measure only this one (internal)")
   ap.add_argument("--out", default="results/bench_speed.md")
+  ap.add_argument("--json", help="also write the rows to this JSON file")
   args = ap.parse_args()
   if args.variant:
     print("ROW " + json.dumps(run_variant(args, args.variant)), flush=True)
@@ -180,6 +181,10 @@ def main() -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   with open(out, "a") as f:
     f.write(table + "\n\n")
+  if args.json:
+    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.json).write_text(json.dumps({"device": device, "model": args.model, "batch": args.batch,
+                                                   "seqlen": args.seqlen, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ _RUN_FLAGS = {
     "text_field": ("data", "text_field"),
     "calib_windows": ("data", "calib_windows"), "calib_seqlen": ("data", "calib_seqlen"),
     "method": ("method", "name"), "init_method": ("method", "init"), "damp": ("method", "damp"),
+    "finetune_steps": ("method", "finetune_steps"), "finetune_lr": ("method", "finetune_lr"),
     "eval_seqlen": ("evaluation", "seqlen"), "eval_windows": ("evaluation", "windows"),
     "no_compare_magnitude": ("evaluation", "compare_magnitude"), "no_dense_eval": ("evaluation", "dense"),
     "output": ("output", "dir"), "checkpoint_every": ("output", "checkpoint_every"), "keep": ("output", "keep"),
@@ -120,6 +121,10 @@ def _add_elsa_args(p: argparse.ArgumentParser) -> None:
                                        "int8 with float8 state)")
   g.add_argument("--compute-dtype", help="bfloat16 | float32 (master weights stay float32)")
   g.add_argument("--seed", type=int)
+  g.add_argument("--allocation", help="uniform (every matrix at --sparsity, default) | owl (per layer from its outlier "
+                                      "ratio, any method) | global (ELSA: one threshold over every matrix)")
+  g.add_argument("--owl-m", type=float, help="OWL's outlier threshold, times a layer's mean Wanda score (5)")
+  g.add_argument("--owl-lambda", type=float, help="OWL's half-width of the layer sparsities (0.08)")
 
 
 def _given(args: argparse.Namespace, dest: str) -> bool:
@@ -172,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--calib-windows", type=int, help="calibration windows of wanda/sparsegpt/safe+ (default 128)")
   p.add_argument("--calib-seqlen", type=int, help="tokens per such window (default: --seqlen)")
   p.add_argument("--damp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
+  p.add_argument("--finetune-steps", type=int,
+                 help="masked recovery after the method: train the surviving weights N steps, mask frozen (0)")
+  p.add_argument("--finetune-lr", type=float, help="its Adam learning rate, linear decay to 0 (1e-4)")
   p.add_argument("--preset", default="auto", help="auto | cpu | full | paper")
   p.add_argument("--mesh", type=_mesh, default=(-1, 1), help="DATAxMODEL device mesh, e.g. 4x2 (default -1x1)")
   p.add_argument("--eval-seqlen", type=int)

@@ -155,12 +155,17 @@ class MethodSpec:
     init: ``--init-method``: the starting point of an ADMM method, one of :data:`INIT_METHODS`.
     damp: ``--damp``: SparseGPT's dampening, a fraction of the mean of ``diag(H)``.
     elsa: the hyperparameters as given (the ELSA flags); see :attr:`hyperparameters`.
+    finetune_steps: ``--finetune-steps``: masked recovery after the method (0: none): Adam on the
+      surviving weights with the mask frozen, on the next-token loss, ``batch_size x seqlen`` tokens a step.
+    finetune_lr: ``--finetune-lr``: its learning rate (linear decay to 0).
   """
 
   name: str = "elsa"
   init: str = "dense"
   damp: float = 0.01
   elsa: train.ElsaConfig = train.ElsaConfig()
+  finetune_steps: int = 0
+  finetune_lr: float = 1e-4
 
   def __post_init__(self):
     if self.name not in METHODS:
@@ -169,6 +174,12 @@ class MethodSpec:
       raise ValueError(f"unknown --init-method {self.init!r}; choose one of {', '.join(INIT_METHODS)}.")
     if not self.damp >= 0:
       raise ValueError(f"--damp must be >= 0 (a fraction of the mean of diag(H)), got {self.damp}.")
+    if not self.trained and self.elsa.allocation == "global":
+      raise ValueError(f"--allocation global thresholds ELSA's projection score, which --method {self.name} does "
+                       f"not have; use it with {', '.join(ADMM_METHODS)}, or --allocation owl.")
+    positive("--finetune-steps", self.finetune_steps, allow_zero=True)
+    if not self.finetune_lr > 0:
+      raise ValueError(f"--finetune-lr must be positive, got {self.finetune_lr}.")
 
   @property
   def trained(self) -> bool:
@@ -267,6 +278,19 @@ class RunConfig:
   method: MethodSpec = MethodSpec()
   evaluation: EvalSpec = EvalSpec()
   output: OutputSpec = OutputSpec()
+
+  @property
+  def finetune_config(self) -> train.ElsaConfig | None:
+    """The hyperparameters of the masked recovery (``--finetune-steps``), None without one."""
+    if not self.method.finetune_steps:
+      return None
+    return dataclasses.replace(self.method.hyperparameters, steps=self.method.finetune_steps,
+                               lr=self.method.finetune_lr, sam_rho=0.0)
+
+  def finetune_checkpoint_config(self) -> dict[str, Any]:
+    """The resumable configuration of the masked recovery: the run's, and its steps and lr."""
+    return {**self.checkpoint_config(), "finetune_steps": self.method.finetune_steps,
+            "finetune_lr": self.method.finetune_lr}
 
   @property
   def calib_seqlen(self) -> int:

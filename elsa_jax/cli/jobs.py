@@ -45,6 +45,7 @@ from elsa_jax.data import assets
 from elsa_jax.data import fingerprint
 from elsa_jax.data import perplexity_sets
 from elsa_jax.oneshot import registry as oneshot_registry
+from elsa_jax.oneshot import owl as owl_lib
 from elsa_jax.oneshot import walk as baselines
 from elsa_jax.run import checkpoint as checkpoint_lib
 from elsa_jax.run import lock as lock_lib
@@ -253,7 +254,7 @@ def _check_run(run: config_lib.RunConfig) -> jax.sharding.Mesh:
 def _needs_calibration(method: config_lib.MethodSpec) -> bool:
   """Whether a method reads one-shot calibration windows (Wanda, SparseGPT, SAFE+'s activation norms)."""
   return (oneshot_registry.needs_calibration(method.name) or oneshot_registry.needs_calibration(method.init)
-          or method.hyperparameters.score_source == "activations")
+          or method.hyperparameters.score_source == "activations" or method.hyperparameters.allocation == "owl")
 
 
 def _load_inputs(run: config_lib.RunConfig, mesh: jax.sharding.Mesh) -> _Inputs:
@@ -325,6 +326,17 @@ def _sparsity_target(cfg: train.ElsaConfig) -> tuple[float, tuple[int, int] | No
   return train.pattern_sparsity(cfg), patterns.parse(cfg.pattern).n_m
 
 
+def allocate(loaded: LoadedModel, cfg: train.ElsaConfig, oneshot_ids: np.ndarray | None) -> tuple[Any, Any]:
+  """``(sparsity, info)``: the run's per-matrix sparsity tree and its summary under ``--allocation owl``
+  (:func:`elsa_jax.oneshot.owl.owl_sparsities`, from the dense model's Wanda scores on the one-shot
+  calibration windows); ``(None, None)`` for uniform (and global, ELSA's own projection)."""
+  if cfg.allocation != "owl":
+    return None, None
+  tree, layers = owl_lib.owl_sparsities(loaded.graphdef, loaded.params, oneshot_ids, target=cfg.sparsity,
+                                        m=cfg.owl_m, lmda=cfg.owl_lambda)
+  return tree, {"name": "owl", "m": cfg.owl_m, "lambda": cfg.owl_lambda, "layer_sparsities": layers}
+
+
 def _evaluate_baselines(run: config_lib.RunConfig, inputs: _Inputs, summary: dict[str, Any]) -> None:
   """The dense and the magnitude-pruned model's perplexity, where asked, printed as they come."""
   cfg, loaded = run.method.hyperparameters, inputs.loaded
@@ -340,10 +352,13 @@ def _evaluate_baselines(run: config_lib.RunConfig, inputs: _Inputs, summary: dic
     del mag
 
 
-def _oneshot(run: config_lib.RunConfig, inputs: _Inputs, name: str, summary: dict[str, Any]) -> Any:
-  """The one-shot method ``name`` applied to the dense model, timed into the summary."""
+def _oneshot(run: config_lib.RunConfig, inputs: _Inputs, name: str, summary: dict[str, Any],
+             allocation: Any = None) -> Any:
+  """The one-shot method ``name`` applied to the dense model (at the ``allocation`` tree's per-matrix
+  sparsities when given), timed into the summary."""
   loaded = inputs.loaded
   sparsity, nm = _sparsity_target(run.method.hyperparameters)
+  sparsity = sparsity if allocation is None else allocation
   t = time.perf_counter()
   pruned = baselines.prune_oneshot(loaded.graphdef, loaded.params, inputs.oneshot_ids, method=name,
                                    sparsity=sparsity, n_m=nm, damp=run.method.damp)
@@ -353,7 +368,7 @@ def _oneshot(run: config_lib.RunConfig, inputs: _Inputs, name: str, summary: dic
 
 def _train(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh,
            checkpointer: checkpoint_lib.RunCheckpointer, summary: dict[str, Any], *,
-           stop_after: int | None, progress: bool) -> Any | None:
+           stop_after: int | None, progress: bool, allocation: Any = None) -> Any | None:
   """Trains an ADMM method from its starting point and finalizes it; None when stopped early."""
   cfg, loaded, init_method = run.method.hyperparameters, inputs.loaded, run.method.init
   sparsity, _ = _sparsity_target(cfg)
@@ -363,7 +378,7 @@ def _train(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh,
         baselines.calibration_statistics(loaded.graphdef, loaded.params, inputs.oneshot_ids), loaded.graphdef)
   start_params = loaded.params
   if init_method != "dense":
-    start_params = _oneshot(run, inputs, init_method, summary)
+    start_params = _oneshot(run, inputs, init_method, summary, allocation)
     if init_method != "magnitude" or not run.evaluation.compare_magnitude:
       summary[f"{init_method}_ppl"] = _perplexity(run, inputs, start_params)
       print(_ppl_line(inputs, run, f"{init_method} (the starting point) {cfg.pattern} {output.percent(sparsity)}",
@@ -373,7 +388,7 @@ def _train(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh,
         loaded.graphdef, start_params, cfg, inputs.windows.batch, mesh=mesh,
         logical_axes=models.logical_axes_of(loaded.graphdef, loaded.params),
         checkpointer=checkpointer, metrics_path=pathlib.Path(run.output.dir) / "metrics.jsonl", progress=progress,
-        stop_after=stop_after, fixed_score=fixed_score,
+        stop_after=stop_after, fixed_score=fixed_score, sparsity=allocation,
     )
   finally:
     checkpointer.close()
@@ -388,6 +403,38 @@ def _train(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh,
   return pruned
 
 
+def _finetune(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh, pruned: Any,
+              summary: dict[str, Any], *, stop_after: int | None, progress: bool) -> Any | None:
+  """Masked recovery of ``pruned`` (``--finetune-steps``) with its own checkpoints; None when stopped early.
+
+  The loop is :func:`elsa_jax.run.train.run` with :func:`~elsa_jax.run.train.make_finetune_optimizer`;
+  it reads the calibration batches after those the method used, and resumes from
+  ``output/finetune_checkpoints``.
+  """
+  cfg, loaded, out = run.finetune_config, inputs.loaded, pathlib.Path(run.output.dir)
+  summary[f"{run.method.name}_before_finetune_ppl"] = _perplexity(run, inputs, pruned)
+  print(f"{run.method.name} before the masked recovery perplexity: "
+        f"{summary[f'{run.method.name}_before_finetune_ppl']:.3f}", flush=True)
+  offset = run.method.hyperparameters.steps if run.method.trained else 0
+  checkpointer = checkpoint_lib.RunCheckpointer(
+      out / "finetune_checkpoints", config=run.finetune_checkpoint_config(),
+      save_every=run.output.checkpoint_every, keep=run.output.keep)
+  t = time.perf_counter()
+  result = train.run(
+      loaded.graphdef, pruned, cfg, lambda step: inputs.windows.batch(offset + step), mesh=mesh,
+      logical_axes=models.logical_axes_of(loaded.graphdef, loaded.params), checkpointer=checkpointer,
+      metrics_path=out / "finetune_metrics.jsonl", progress=progress, stop_after=stop_after,
+      tx=train.make_finetune_optimizer(cfg, loaded.architecture.prunable))
+  checkpointer.close()
+  summary["finetune"] = {"steps": cfg.steps, "lr": cfg.lr, "seconds": time.perf_counter() - t,
+                         "tokens_per_second": result.tokens_per_second,
+                         "final_metrics": result.history[-1] if result.history else None}
+  if result.final_step < cfg.steps:
+    summary["finetune_stopped_at"] = result.final_step
+    return None
+  return result.params
+
+
 def _export_pruned(run: config_lib.RunConfig, inputs: _Inputs, pruned: Any, summary: dict[str, Any]) -> None:
   """Evaluates the pruned model and writes it (process 0: every process holds it whole) to ``output/model``."""
   cfg, name = run.method.hyperparameters, run.method.name
@@ -395,7 +442,8 @@ def _export_pruned(run: config_lib.RunConfig, inputs: _Inputs, pruned: Any, summ
   summary[f"{name}_ppl"] = _perplexity(run, inputs, pruned)
   print(_ppl_line(inputs, run, f"{name} {cfg.pattern} {output.percent(train.pattern_sparsity(cfg))}",
                   summary[f"{name}_ppl"]), flush=True)
-  summary["sparsity"] = finalize_lib.sparsity_report(jax.device_get(pruned))["overall"]
+  report = finalize_lib.sparsity_report(jax.device_get(pruned), inputs.loaded.architecture.prunable)
+  summary["sparsity"], summary["sparsity_per_matrix"] = report["overall"], report["per_matrix"]
   if jax.process_index() == 0:
     export(inputs.loaded, pruned, pathlib.Path(run.output.dir) / "model", overwrite=run.output.overwrite,
            extra={"summary": summary})
@@ -481,13 +529,17 @@ def _prune_locked(run: config_lib.RunConfig, mesh: jax.sharding.Mesh, t0: float,
   inputs = _load_inputs(run, mesh)
   checkpointer = _open_checkpointer(run)
   summary = _start_summary(run, inputs)
+  allocation, summary["allocation"] = allocate(inputs.loaded, run.method.hyperparameters, inputs.oneshot_ids)
   _evaluate_baselines(run, inputs, summary)
   if run.method.trained:
-    pruned = _train(run, inputs, mesh, checkpointer, summary, stop_after=stop_after, progress=progress)
-    if pruned is None:
-      return summary
+    pruned = _train(run, inputs, mesh, checkpointer, summary, stop_after=stop_after, progress=progress,
+                    allocation=allocation)
   else:
-    pruned = _oneshot(run, inputs, run.method.name, summary)
+    pruned = _oneshot(run, inputs, run.method.name, summary, allocation)
+  if pruned is not None and run.finetune_config is not None:
+    pruned = _finetune(run, inputs, mesh, pruned, summary, stop_after=stop_after, progress=progress)
+  if pruned is None:
+    return summary
   _export_pruned(run, inputs, pruned, summary)
   _zero_shot_pruned(run, inputs, pruned, mesh, summary)
   _write_summary(run, summary, t0)
@@ -537,19 +589,36 @@ def evaluate(model: str = DEFAULT_MODEL, eval_text: str | None = DEFAULT_TEXT, *
   return out
 
 
+def _restore(directory: pathlib.Path, run_config: dict[str, Any], params: Any, tx) -> tuple[int, Any, Any]:
+  """The latest finished checkpoint in ``directory`` of a run of ``run_config`` with optimizer ``tx``."""
+  checkpointer = checkpoint_lib.RunCheckpointer(directory, config=run_config, save_every=0, read_only=True)
+  step, params, opt_state = checkpointer.restore_or(params, jax.eval_shape(tx.init, params))
+  checkpointer.close()
+  if step == 0:
+    raise FileNotFoundError(f"{directory} holds no finished checkpoint yet.")
+  return step, params, opt_state
+
+
 def export_run(run_dir: str | pathlib.Path, output: str | pathlib.Path | None = None, *,
                overwrite: bool = False, sparse_format: str = "dense") -> pathlib.Path:
-  """Finalizes the latest checkpoint of a run and writes it as an HF model (``sparse_format``: see :func:`export`)."""
+  """Writes the latest checkpoint of a run as an HF model: the masked recovery's when the run has one
+  (``finetune_checkpoints/``; its weights are already sparse), else the ADMM run's, finalized
+  (``sparse_format``: see :func:`export`)."""
   models.safetensors_dir.check_sparse_format(sparse_format)
   run_dir = pathlib.Path(run_dir).resolve()
-  run_config = checkpoint_lib.saved_config(run_dir / "checkpoints")
+  checkpoints = run_dir / "finetune_checkpoints"
+  run_config = checkpoint_lib.saved_config(checkpoints)
+  if run_config is None:
+    checkpoints = run_dir / "checkpoints"
+    run_config = checkpoint_lib.saved_config(checkpoints)
   if run_config is None:
     raise FileNotFoundError(f"no checkpoints of a run in {run_dir} (no {run_dir / 'checkpoints'} with a "
                             f"{checkpoint_lib.CONFIG_FILE}); point --run-dir at the --output of an elsa-jax prune run.")
   out = pathlib.Path(output) if output else run_dir / "model"
   check_output_dir(out, overwrite)
   with lock_lib.RunLock(run_dir, flag="--run-dir"):  # no run writes these checkpoints meanwhile
-    return _export_locked(run_dir, run_config, out, overwrite=overwrite, sparse_format=sparse_format)
+    return _export_locked(run_dir, checkpoints, run_config, out, overwrite=overwrite,
+                          sparse_format=sparse_format)
 
 
 def _check_calibration_unchanged(run_config: dict[str, Any]) -> None:
@@ -560,29 +629,33 @@ def _check_calibration_unchanged(run_config: dict[str, Any]) -> None:
                      f"activation norms from it, so restore the original file to export this run.")
 
 
-def _export_locked(run_dir: pathlib.Path, run_config: dict[str, Any], out: pathlib.Path, *,
-                   overwrite: bool, sparse_format: str) -> pathlib.Path:
+def _export_locked(run_dir: pathlib.Path, checkpoints: pathlib.Path, run_config: dict[str, Any],
+                   out: pathlib.Path, *, overwrite: bool, sparse_format: str) -> pathlib.Path:
   """:func:`export_run` once the run folder is locked."""
   cfg = train.ElsaConfig(**{k: v for k, v in run_config.items()
                             if k in {f.name for f in dataclasses.fields(train.ElsaConfig)}})
   if cfg.score_source == "activations":
     _check_calibration_unchanged(run_config)
   loaded = load_model(run_config["model"])
-  checkpointer = checkpoint_lib.RunCheckpointer(run_dir / "checkpoints", config=run_config, save_every=0,
-                                                read_only=True)
-  fixed_score = None
-  if cfg.score_source == "activations":  # SAFE+: recompute the (deterministic) activation norms
+  if checkpoints.name == "finetune_checkpoints":
+    cfg = dataclasses.replace(cfg, steps=run_config["finetune_steps"], lr=run_config["finetune_lr"], sam_rho=0.0)
+    tx = train.make_finetune_optimizer(cfg, loaded.architecture.prunable)
+    step, params, _ = _restore(checkpoints, run_config, loaded.params, tx)
+    check_finite_weights(params, f"the weights of checkpoint step {step} in {checkpoints}")
+    return export(loaded, params, out, overwrite=overwrite, extra={"finetune_checkpoint_step": step},
+                  sparse_format=sparse_format)
+  fixed_score = sparsity = None
+  if cfg.score_source == "activations" or cfg.allocation == "owl":  # recompute them (deterministic)
     docs = data_lib.load_documents(run_config["calib"], split="calibration")
     ids = calibration_ids(data_lib.tokenize_documents(loaded.tokenizer, docs),
                           windows=run_config["oneshot_windows"], seqlen=run_config["oneshot_seqlen"],
                           seed=cfg.seed)
-    fixed_score = train.activation_scores(baselines.calibration_statistics(loaded.graphdef, loaded.params, ids),
-                                          loaded.graphdef)
-  tx = train.make_optimizer(cfg, fixed_score)
-  step, params, opt_state = checkpointer.restore_or(loaded.params, jax.eval_shape(tx.init, loaded.params))
-  checkpointer.close()
-  if step == 0:
-    raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no finished checkpoint yet.")
+    sparsity, _ = allocate(loaded, cfg, ids)
+    if cfg.score_source == "activations":  # SAFE+'s activation norms
+      fixed_score = train.activation_scores(baselines.calibration_statistics(loaded.graphdef, loaded.params, ids),
+                                            loaded.graphdef)
+  tx = train.make_optimizer(cfg, fixed_score, sparsity)
+  step, params, opt_state = _restore(run_dir / "checkpoints", run_config, loaded.params, tx)
   pruned = finalize_lib.finalize(params, opt_state)  # the run's target, from its state
   check_finite_weights(pruned, f"the weights of checkpoint step {step} in {run_dir / 'checkpoints'}")
   return export(loaded, pruned, out, overwrite=overwrite, extra={"checkpoint_step": step},

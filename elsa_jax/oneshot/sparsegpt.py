@@ -33,12 +33,12 @@ from elsa_jax.sparsity import topk as _projection
 logger = logging.getLogger(__name__)
 
 
-def _block_size(columns: int, target: int, multiple: int) -> int:
-  """The largest divisor of ``columns`` that is at most ``target`` and a multiple of ``multiple``."""
-  for b in range(min(target, columns), 0, -1):
-    if columns % b == 0 and b % multiple == 0:
-      return b
-  raise ValueError(f"no block of a multiple of {multiple} divides {columns} columns.")
+def _blocks(columns: int, target: int, multiple: int) -> tuple[int, int, int]:
+  """``(width, full blocks, tail width)``: blocks of ``target`` columns (rounded down to a multiple of
+  ``multiple``) from the left, and what remains at the right, as SparseGPT's reference walks them."""
+  width = min(target, columns)
+  width = max(multiple, width - width % multiple)
+  return width, columns // width, columns % width
 
 
 def inverse_hessian_factor(gram: jax.Array, damp: float) -> jax.Array:
@@ -53,6 +53,50 @@ def inverse_hessian_factor(gram: jax.Array, damp: float) -> jax.Array:
   lower = jnp.linalg.cholesky(h)
   h_inv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(h.shape[0], dtype=h.dtype))
   return jnp.linalg.cholesky(h_inv).T
+
+
+def _prune_block(w, u, i1, width: int, sparsity, n_m):
+  """One lazy-update block of SparseGPT: columns ``[i1, i1 + width)`` of ``w [rows, cols]`` pruned
+  with OBS updates inside the block, then the block's error applied to every later column."""
+  rows, cols = w.shape
+  m = n_m[1] if n_m is not None else 1
+  w1 = jax.lax.dynamic_slice(w, (0, i1), (rows, width))
+  u1 = jax.lax.dynamic_slice(u, (i1, i1), (width, width))
+  d = jnp.diagonal(u1)
+  if n_m is None:
+    # This block's share of the matrix's count: the counts of the columns
+    # before its end and before its start differ by it, so the shares add up
+    # to the matrix's count exactly.
+    before = lambda c: _projection.num_pruned(rows * c, jnp.asarray(sparsity, jnp.float32))
+    k = before(i1 + width) - before(i1)
+    keep = _projection.topk_mask(jnp.square(w1) / jnp.square(d)[None, :], rows * width - k)
+  else:
+    keep = jnp.ones((rows, width), bool)
+
+  def group(g, carry):
+    w1, err, keep = carry
+    j0 = g * m
+    if n_m is not None:
+      wg = jax.lax.dynamic_slice(w1, (0, j0), (rows, m))
+      dg = jax.lax.dynamic_slice(d, (j0,), (m,))
+      kg = _projection.nm_mask(jnp.square(wg) / jnp.square(dg)[None, :], n_m[0], m, axis=1)
+      keep = jax.lax.dynamic_update_slice(keep, kg, (0, j0))
+    for t in range(m):
+      j = j0 + t
+      wj = jax.lax.dynamic_index_in_dim(w1, j, axis=1, keepdims=False)
+      kj = jax.lax.dynamic_index_in_dim(keep, j, axis=1, keepdims=False)
+      e = (wj - jnp.where(kj, wj, 0.0)) / d[j]
+      # Row j of the upper factor is zero left of j, so earlier columns stay;
+      # column j itself becomes the quantised (pruned) value.
+      w1 = w1 - e[:, None] * jax.lax.dynamic_index_in_dim(u1, j, axis=0, keepdims=False)[None, :]
+      err = jax.lax.dynamic_update_index_in_dim(err, e, j, axis=1)
+    return w1, err, keep
+
+  w1, err, keep = jax.lax.fori_loop(0, width // m, group, (w1, jnp.zeros_like(w1), keep))
+  w1 = jnp.where(keep, w1, 0.0)  # exact zeros
+  later = jax.lax.dynamic_slice(u, (i1, 0), (width, cols))
+  w = w - jnp.where(jnp.arange(cols)[None, :] >= i1 + width, err @ later, 0.0)
+  return jax.lax.dynamic_update_slice(w, w1, (0, i1))
 
 
 @functools.partial(jax.jit, static_argnames=("n_m", "blocksize", "damp"))
@@ -80,8 +124,9 @@ def sparsegpt_prune(kernel: jax.Array, gram: jax.Array, sparsity=None, *, n_m: t
     gram: ``[in, in]`` ``X^T X`` of the input activations.
     sparsity: fraction of weights zeroed (unstructured; exact over the matrix).
     n_m: ``(n, m)``: keep ``n`` of every ``m`` consecutive inputs instead.
-    blocksize: columns per lazy-update block (the largest divisor of ``in``
-      not above it, and a multiple of ``m``, is used).
+    blocksize: columns per lazy-update block (rounded down to a multiple of
+      ``m``); as in the reference, the blocks start at the left and the last
+      one holds the remaining ``in % blocksize`` columns.
     damp: dampening, as a fraction of the mean diagonal of ``H``.
 
   Returns:
@@ -89,56 +134,16 @@ def sparsegpt_prune(kernel: jax.Array, gram: jax.Array, sparsity=None, *, n_m: t
     damped ``H`` is not positive definite (raise ``damp``).
   """
   w = kernel.astype(jnp.float32).T  # [rows (out), cols (in)], as in the paper
-  rows, cols = w.shape
+  cols = w.shape[1]
   m = n_m[1] if n_m is not None else 1
   if n_m is not None:
     _projection.check_nm((cols,), n_m[0], m, 0)
-  bs = _block_size(cols, blocksize, m)
-  n_blocks = cols // bs
+  width, n_full, tail = _blocks(cols, blocksize, m)
   w = jnp.where(jnp.diagonal(gram)[None, :] == 0, 0.0, w)
   u = inverse_hessian_factor(gram, damp)
-  total_pruned = None if n_m is not None else _projection.num_pruned(rows * cols, sparsity)
-  column = jnp.arange(cols)
-
-  def block(b, w):
-    i1 = b * bs
-    w1 = jax.lax.dynamic_slice(w, (0, i1), (rows, bs))
-    u1 = jax.lax.dynamic_slice(u, (i1, i1), (bs, bs))
-    d = jnp.diagonal(u1)
-    if n_m is None:
-      # Shares of the matrix's count that add up to it exactly.
-      k = total_pruned // n_blocks + (b < total_pruned % n_blocks).astype(jnp.int32)
-      score = jnp.square(w1) / jnp.square(d)[None, :]
-      keep = _projection.topk_mask(score, rows * bs - k)
-    else:
-      keep = jnp.ones((rows, bs), bool)
-
-    def group(g, carry):
-      w1, err, keep = carry
-      j0 = g * m
-      if n_m is not None:
-        wg = jax.lax.dynamic_slice(w1, (0, j0), (rows, m))
-        dg = jax.lax.dynamic_slice(d, (j0,), (m,))
-        kg = _projection.nm_mask(jnp.square(wg) / jnp.square(dg)[None, :], n_m[0], m, axis=1)
-        keep = jax.lax.dynamic_update_slice(keep, kg, (0, j0))
-      for t in range(m):
-        j = j0 + t
-        wj = jax.lax.dynamic_index_in_dim(w1, j, axis=1, keepdims=False)
-        kj = jax.lax.dynamic_index_in_dim(keep, j, axis=1, keepdims=False)
-        e = (wj - jnp.where(kj, wj, 0.0)) / d[j]
-        # Row j of the upper factor is zero left of j, so earlier columns stay;
-        # column j itself becomes the quantised (pruned) value.
-        w1 = w1 - e[:, None] * jax.lax.dynamic_index_in_dim(u1, j, axis=0, keepdims=False)[None, :]
-        err = jax.lax.dynamic_update_index_in_dim(err, e, j, axis=1)
-      return w1, err, keep
-
-    w1, err, keep = jax.lax.fori_loop(0, bs // m, group, (w1, jnp.zeros_like(w1), keep))
-    w1 = jnp.where(keep, w1, 0.0)  # exact zeros
-    later = jax.lax.dynamic_slice(u, (i1, 0), (bs, cols))
-    w = w - jnp.where(column[None, :] >= i1 + bs, err @ later, 0.0)
-    return jax.lax.dynamic_update_slice(w, w1, (0, i1))
-
-  w = jax.lax.fori_loop(0, n_blocks, block, w)
+  w = jax.lax.fori_loop(0, n_full, lambda b, w: _prune_block(w, u, b * width, width, sparsity, n_m), w)
+  if tail:
+    w = _prune_block(w, u, n_full * width, tail, sparsity, n_m)
   return w.T.astype(kernel.dtype)
 
 

@@ -41,6 +41,7 @@ from flax import nnx
 from elsa_jax import models
 from elsa_jax.oneshot import registry
 from elsa_jax.oneshot.registry import ONESHOT_METHODS  # noqa: F401  (the names, for callers)
+from elsa_jax.sparsity import patterns
 from elsa_jax.sparsity import prunable as prunable_lib
 
 
@@ -136,7 +137,8 @@ def _layer_walk(arch, graphdef, params, windows, *, batch_size, compute_dtype,
       hidden = layer_forward(layer_params, hidden)
 
 
-def _get(tree: dict, path: tuple) -> Any:
+def get_path(tree: dict, path: tuple) -> Any:
+  """``tree[path[0]][path[1]]...``."""
   for k in path:
     tree = tree[k]
   return tree
@@ -176,7 +178,10 @@ def prune_oneshot(
       field's default); unused by magnitude.
     method: a name in :data:`elsa_jax.oneshot.registry.METHODS`: ``"magnitude"``
       (per matrix), ``"wanda"`` or ``"sparsegpt"``.
-    sparsity: fraction pruned per matrix (Wanda: per output row), in ``[0, 1)``.
+    sparsity: fraction pruned per matrix (Wanda: per output row), in
+      ``[0, 1)``: one for every matrix, or a params-shaped tree of them
+      (None off the prunable matrices), e.g. OWL's
+      (:func:`elsa_jax.oneshot.owl.owl_sparsities`).
     n_m: ``(n, m)`` for N:M sparsity instead (``sparsity`` ignored).
     batch_size: windows per forward pass.
     damp: SparseGPT's dampening (fraction of the mean Hessian diagonal).
@@ -194,9 +199,8 @@ def prune_oneshot(
       is singular even at 100x ``damp``.
   """
   spec = registry.method(method)
-  if n_m is None:
-    prunable_lib.check_sparsity(sparsity)
   arch = models.architecture_of(graphdef)
+  layer_sparsity = _layer_sparsities(arch, sparsity, n_m, len(arch.decoder_layers(params)))
   if not spec.needs_calibration:
     return _prune_each_matrix(spec, params, sparsity=sparsity, n_m=n_m, prunable=arch.prunable,
                               options=_options(spec, damp, blocksize))
@@ -209,8 +213,8 @@ def prune_oneshot(
   def prune_layer(i, layer_params, stats):
     layer_params = jax.tree.map(lambda x: x, layer_params)  # a copy we may edit
     for path, key in arch.linear_inputs.items():
-      linear = _get(layer_params, path)
-      linear["kernel"] = walk_prune(linear["kernel"], stats[key], sparsity=sparsity, n_m=n_m,
+      linear = get_path(layer_params, path)
+      linear["kernel"] = walk_prune(linear["kernel"], stats[key], sparsity=layer_sparsity[i](path), n_m=n_m,
                                     where=f"layer {i} {'.'.join(path)}", **options)
     return layer_params
 
@@ -223,10 +227,37 @@ def prune_oneshot(
   return arch.replace_decoder_layers(params, new_layers)
 
 
+def _layer_sparsities(arch, sparsity, n_m, n_layers: int) -> list[Callable[[tuple], Any]]:
+  """Per decoder layer, ``path -> sparsity`` of its linear maps, from one float or a params-shaped tree.
+
+  Raises:
+    ValueError: for a sparsity outside ``[0, 1)``, or a tree without a value at a matrix.
+  """
+  if n_m is not None or sparsity is None or prunable_lib.is_python_scalar(sparsity):
+    if n_m is None:
+      prunable_lib.check_sparsity(sparsity)
+    return [lambda path: sparsity] * n_layers
+  for p, s in jax.tree_util.tree_flatten_with_path(sparsity)[0]:
+    prunable_lib.check_sparsity(s, f" at {prunable_lib.path_str(p)!r}")
+
+  def lookup(tree, i):
+    def at(path):
+      value = get_path(tree, path)["kernel"] if tree is not None else None
+      if value is None:
+        raise ValueError(f"the sparsity tree has no value for layer {i} {'.'.join(path)}; give one per "
+                         f"prunable matrix (elsa_jax.oneshot.owl.owl_sparsities builds such a tree).")
+      return value
+    return at
+
+  return [lookup(tree, i) for i, tree in enumerate(arch.decoder_layers(sparsity))]
+
+
 def _prune_each_matrix(spec: registry.Method, params: dict, *, sparsity, n_m, prunable, options) -> dict:
   """A method without calibration on every prunable matrix (its ``prune_tree`` when it has one)."""
   if spec.prune_tree is not None:
     return spec.prune_tree(params, sparsity=sparsity, n_m=n_m, prunable=prunable)
+  at = (lambda path: sparsity) if sparsity is None or prunable_lib.is_python_scalar(sparsity) else \
+      prunable_lib.resolve_sparsity(sparsity, patterns.Unstructured())
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: spec.prune(leaf, None, sparsity=sparsity, n_m=n_m, **options)
+      lambda path, leaf: spec.prune(leaf, None, sparsity=at(path), n_m=n_m, **options)
       if prunable(path, leaf) else leaf, params)

@@ -52,6 +52,8 @@ from elsa_jax.run import checkpoint as checkpoint_lib
 from elsa_jax.run import checks
 from elsa_jax.run import sharding as sharding_lib
 from elsa_jax import models
+from elsa_jax.optim import masked as _masked
+from elsa_jax.sparsity import allocation as _allocation
 from elsa_jax.sparsity import patterns
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,9 @@ class ElsaConfig:
   score_dtype: str | None = None  # grad_ema score: float32 | bfloat16 | int8 (None: the state's width, int8 for fp8)
   compute_dtype: str = "bfloat16"
   seed: int = 0
+  allocation: str = "uniform"  # uniform | owl (per layer, from the outlier ratios) | global (ELSA)
+  owl_m: float = _allocation.OWL_M  # OWL's outlier threshold, a multiple of a layer's mean Wanda score
+  owl_lambda: float = _allocation.OWL_LAMBDA  # OWL's half-width of the layer sparsities
 
   def __post_init__(self):
     if not 0.0 <= self.sparsity < 1.0:
@@ -111,9 +116,11 @@ class ElsaConfig:
     for name, choices in CHOICES.items():
       checks.check_choice(name, getattr(self, name), choices)
     try:
-      patterns.parse(self.pattern)
+      pattern = patterns.parse(self.pattern)
     except ValueError as err:
       raise ValueError(f"--pattern: {err}") from None
+    _allocation.check_allocation(self.allocation, self.sparsity, self.owl_m, self.owl_lambda,
+                                 fixed_counts=str(pattern) if isinstance(pattern, patterns.NM) else None)
 
   @property
   def tokens_per_step(self) -> int:
@@ -126,21 +133,29 @@ def pattern_sparsity(cfg: ElsaConfig) -> float:
   return pattern.sparsity if isinstance(pattern, patterns.NM) else cfg.sparsity
 
 
-def make_optimizer(cfg: ElsaConfig, fixed_score: Any = None) -> optax.GradientTransformationExtraArgs:
+def _base_adam(cfg: ElsaConfig) -> optax.GradientTransformation:
+  """Adam with the run's betas, eps and moment storage, its lr decaying linearly to 0 over ``cfg.steps``."""
+  schedule = optax.linear_schedule(cfg.lr, 0.0, cfg.steps)
+  if cfg.moment_dtype == "float32":
+    return optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  return _low_precision.adam_lowp(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, moment_dtype=cfg.moment_dtype)
+
+
+def make_optimizer(cfg: ElsaConfig, fixed_score: Any = None, sparsity: Any = None
+                   ) -> optax.GradientTransformationExtraArgs:
   """Clip -> ELSA(ADMM around Adam with linear decay), as the paper does.
 
   ``fixed_score`` (squared input-activation norms per kernel, see
   :func:`activation_scores`) is required by ``score_source="activations"``.
+  ``sparsity``: a per-matrix tree (``--allocation owl``,
+  :func:`elsa_jax.oneshot.owl.owl_sparsities`) in place of ``cfg.sparsity``.
   """
-  schedule = optax.linear_schedule(cfg.lr, 0.0, cfg.steps)
-  if cfg.moment_dtype == "float32":
-    base = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-  else:
-    base = _low_precision.adam_lowp(
-        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, moment_dtype=cfg.moment_dtype
-    )
+  if cfg.allocation != "uniform" and sparsity is None:  # global: the ADMM projection's (elsa_jax.optim)
+    raise ValueError(f"--allocation {cfg.allocation} needs per-matrix sparsities (owl: elsa_jax.oneshot.owl)"
+                     f"{'' if cfg.allocation == 'owl' else ', which this build does not compute'}.")
+  base = _base_adam(cfg)
   kwargs = dict(
-      sparsity=pattern_sparsity(cfg),
+      sparsity=pattern_sparsity(cfg) if sparsity is None else sparsity,
       lmda=cfg.lmda,
       interval=cfg.interval,
       projection=cfg.projection,
@@ -157,10 +172,15 @@ def make_optimizer(cfg: ElsaConfig, fixed_score: Any = None) -> optax.GradientTr
   if cfg.lmda_schedule == "residual_balancing":
     kwargs["lmda_schedule"] = "residual_balancing"
   elif cfg.lmda_schedule != "constant":
-    raise ValueError(
-        f"unknown lmda schedule {cfg.lmda_schedule!r}; use 'constant' or 'residual_balancing'."
-    )
+    raise ValueError(f"unknown lmda schedule {cfg.lmda_schedule!r}; use 'constant' or 'residual_balancing'.")
   return optax.chain(optax.clip_by_global_norm(cfg.clip), _admm.admm(base, **kwargs))
+
+
+def make_finetune_optimizer(cfg: ElsaConfig, prunable=None) -> optax.GradientTransformationExtraArgs:
+  """Masked recovery (``--finetune-steps``): clip -> Adam of :func:`make_optimizer`, on the surviving
+  weights only (:func:`elsa_jax.optim.masked.keep_mask`): the zeros of the params it is initialised
+  with stay exactly zero."""
+  return _masked.keep_mask(optax.chain(optax.clip_by_global_norm(cfg.clip), _base_adam(cfg)), prunable=prunable)
 
 
 def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -223,7 +243,8 @@ def make_train_step(
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads)}
-    metrics.update(finalize_lib.admm_metrics(opt_state)._asdict())
+    if _admm.find_admm_state(opt_state) is not None:
+      metrics.update(finalize_lib.admm_metrics(opt_state)._asdict())
     return params, opt_state, metrics
 
   return step
@@ -310,7 +331,7 @@ class StepPrograms(NamedTuple):
 
   steps: dict[bool, Any]  # z_update -> the compiled train step
   zu: Any | None  # the separate z/u program (:func:`make_zu_step`), or None
-  interval: int
+  interval: int  # 0: no z/u update (a state without ADMM)
 
 
 def compile_programs(
@@ -337,7 +358,8 @@ def compile_programs(
   data_shard = sharding_lib.batch_sharding(mesh)
   batch_spec = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.seqlen + 1), jnp.int32,
                                     sharding=data_shard)
-  dues = sorted({s % cfg.interval == 0 for s in steps})
+  admm = _admm.find_admm_state(opt_state) is not None  # else no z/u update (masked recovery)
+  dues = sorted({admm and s % cfg.interval == 0 for s in steps})
   step_fns = {}
   for due in sorted({due and not separate_z_update for due in dues}):
     step_fns[due] = jax.jit(
@@ -355,13 +377,13 @@ def compile_programs(
         out_shardings=(s_shard, sharding_lib.replicated(mesh)),
         donate_argnums=(1,),
     ).lower(params, opt_state).compile()
-  return StepPrograms(step_fns, zu_fn, cfg.interval)
+  return StepPrograms(step_fns, zu_fn, cfg.interval if admm else 0)
 
 
 def run_step(programs: StepPrograms, step: int, params: Any, opt_state: Any,
              batch: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
   """Optimizer step ``step`` (0-based): the train step, then the z/u program where it is due."""
-  due = step % programs.interval == 0
+  due = bool(programs.interval) and step % programs.interval == 0
   params, opt_state, metrics = programs.steps[due and programs.zu is None](params, opt_state, batch)
   if due and programs.zu is not None:
     opt_state, zu_metrics = programs.zu(params, opt_state)
@@ -537,6 +559,8 @@ def run(
     stop_after: int | None = None,
     fixed_score: Any = None,
     separate_z_update: bool = True,
+    sparsity: Any = None,
+    tx: optax.GradientTransformation | None = None,
 ) -> RunResult:
   """Runs (or resumes) ELSA for ``cfg.steps`` optimizer steps.
 
@@ -560,6 +584,9 @@ def run(
     separate_z_update: run the z/u update as its own program after the step it
       belongs to (:func:`make_zu_step`), so that the run's peak memory is the
       larger of the two programs', not their sum; False fuses it into the step.
+    sparsity: per-matrix sparsities in place of ``cfg.sparsity`` (:func:`make_optimizer`).
+    tx: the optimizer, in place of :func:`make_optimizer`'s (e.g.
+      :func:`make_finetune_optimizer`: a state without ADMM has no z/u update).
 
   Returns:
     A :class:`RunResult` with the final params and optimizer state.
@@ -570,7 +597,7 @@ def run(
   """
   rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
   sharding_lib.fits_mesh(cfg.batch_size, mesh)
-  tx = make_optimizer(cfg, fixed_score)
+  tx = make_optimizer(cfg, fixed_score, sparsity) if tx is None else tx
   params, opt_state, shardings = _place_state(tx, params, logical_axes, mesh, rules)
   start = 0
   if checkpointer is not None:

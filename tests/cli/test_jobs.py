@@ -322,3 +322,57 @@ def test_export_bitmask_then_densify_from_the_command_line(tiny_run, tmp_path, c
     ref = LlamaForCausalLM.from_pretrained(dense).eval()(ids).logits.numpy()
     got = LlamaForCausalLM.from_pretrained(tmp_path / "densified").eval()(ids).logits.numpy()
   np.testing.assert_array_equal(got, ref)
+
+
+def test_owl_allocation_for_a_oneshot_method_and_for_elsa(tiny_run, exported):
+  root = tiny_run[0]
+  owl = dict(sparsity=0.6, allocation="owl", owl_m=2.0, owl_lambda=0.1)
+  with pytest.raises(ValueError, match="--allocation owl spreads an unstructured or per-row budget"):
+    _cfg(pattern="2:4", allocation="owl")
+  with pytest.raises(ValueError, match="--allocation global thresholds ELSA's projection score"):
+    _run(tiny_run, root / "x", _cfg(allocation="global"), method={"name": "wanda"})
+  one = pipeline.prune(_run(tiny_run, root / "owl-sgpt", _cfg(**owl), method={"name": "sparsegpt"},
+                            data={"calib_windows": 8}, evaluation={"compare_magnitude": False}), progress=False)
+  layers = one["allocation"]["layer_sparsities"]
+  assert len(layers) == 2 and abs(layers[0] - layers[1]) == pytest.approx(0.2)
+  per_matrix = one["sparsity_per_matrix"]
+  assert len(per_matrix) == 14
+  for name, s in per_matrix.items():
+    assert abs(s - layers[int(name.split("/")[1])]) < 0.01, name
+  total = sum(v.size for k, v in exported(root / "owl-sgpt").items() if _prunable(k))
+  assert one["sparsity"] == round(0.6 * total) / total  # the overall count is exact
+  info = json.loads((root / "owl-sgpt" / "model" / "elsa_jax.json").read_text())
+  assert info["sparsity_report"]["per_matrix"] == per_matrix
+  # ELSA with the same allocation; export --run-dir recomputes it from the calibration text.
+  out = root / "owl-elsa"
+  elsa = pipeline.prune(_run(tiny_run, out, _cfg(**owl), data={"calib_windows": 8},
+                             evaluation={"compare_magnitude": False, "dense": False}), progress=False)
+  assert elsa["allocation"]["layer_sparsities"] == layers
+  assert {k: round(v, 4) for k, v in elsa["sparsity_per_matrix"].items()} == \
+      {k: round(v, 4) for k, v in per_matrix.items()}
+  pipeline.export_run(out, out / "again" / "model")
+  chex.assert_trees_all_equal(exported(out / "again"), exported(out))
+
+
+def test_masked_recovery_after_sparsegpt_keeps_its_mask_and_resumes_and_exports(tiny_run, exported):
+  root = tiny_run[0]
+  common = dict(data={"calib_windows": 8}, evaluation={"compare_magnitude": False},
+                output={"checkpoint_every": 2})
+  plain = pipeline.prune(_run(tiny_run, root / "sgpt", _cfg(), method={"name": "sparsegpt"}, **common),
+                         progress=False)
+  run = _run(tiny_run, root / "sgpt-ft", _cfg(), method={"name": "sparsegpt", "finetune_steps": 6,
+                                                        "finetune_lr": 3e-3}, **common)
+  stopped = pipeline.prune(run, stop_after=2, progress=False)
+  assert stopped["finetune_stopped_at"] == 2 and not (root / "sgpt-ft" / "model").exists()
+  tuned = pipeline.prune(run, progress=False)  # resumes the recovery at step 2
+  whole = pipeline.prune(config_lib.override(run, output={"dir": root / "sgpt-ft2"}), progress=False)
+  assert tuned["sparsegpt_before_finetune_ppl"] == pytest.approx(plain["sparsegpt_ppl"], rel=1e-6)
+  assert tuned["sparsegpt_ppl"] < plain["sparsegpt_ppl"]
+  before, after = exported(root / "sgpt"), exported(root / "sgpt-ft")
+  chex.assert_trees_all_equal(after, exported(root / "sgpt-ft2"))  # resumed = uninterrupted, bit for bit
+  for name, w in before.items():
+    if _prunable(name):
+      np.testing.assert_array_equal(after[name] == 0, w == 0, err_msg=name)  # the mask, exactly
+      assert not np.array_equal(after[name], w), name  # the survivors trained
+  pipeline.export_run(root / "sgpt-ft", root / "sgpt-ft" / "again" / "model")
+  chex.assert_trees_all_equal(exported(root / "sgpt-ft" / "again"), after)
