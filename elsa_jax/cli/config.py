@@ -304,7 +304,17 @@ class RunConfig:
             "method": self.method.name,
             "init_method": self.method.init, "oneshot_windows": self.data.calib_windows,
             "oneshot_seqlen": self.calib_seqlen, "damp": self.method.damp,
-            **dataclasses.asdict(self.method.hyperparameters)}
+            **_recorded_fields(self.method.hyperparameters)}
+
+
+#: ElsaConfig fields newer than the first run_config.json format: recorded only when set, so that the
+#: checkpoints of older runs (which lack them) still resume.
+_RECORDED_WHEN_SET = ("allocation", "owl_m", "owl_lambda")
+
+
+def _recorded_fields(cfg: Any) -> dict[str, Any]:
+  defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RECORDED_WHEN_SET or v != defaults[k]}
 
 
 _SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
