@@ -448,7 +448,9 @@ def _prune_locked(run: config_lib.RunConfig, mesh: jax.sharding.Mesh, t0: float,
   inputs = _load_inputs(run, mesh)
   checkpointer = _open_checkpointer(run)
   summary = _start_summary(run, inputs)
-  allocation, summary["allocation"] = allocate(inputs.loaded, run.method.hyperparameters, inputs.oneshot_ids)
+  allocation, info = allocate(inputs.loaded, run.method.hyperparameters, inputs.oneshot_ids)
+  if info is not None:  # uniform runs keep the summary they always had
+    summary["allocation"] = info
   _evaluate_baselines(run, inputs, summary)
   if run.method.trained:
     pruned = _train(run, inputs, mesh, checkpointer, summary, stop_after=stop_after, progress=progress,

@@ -155,8 +155,10 @@ def test_a_run_writes_the_old_run_config_summary_and_lines(tiny_run, tmp_path, c
   assert written == {**want, "model": str(model_dir.resolve()), "calib": str(calib.resolve())}
   summary = json.loads((out / "summary.json").read_text())
   assert list(summary) == ["model", "method", "config", "eval_seqlen", "init_method", "environment", "dense_ppl",
-                           "magnitude_ppl", "train_tokens_per_second", "final_metrics", "elsa_ppl", "sparsity",
-                           "wall_seconds"]
+                           "magnitude_ppl", "train_tokens_per_second", "final_metrics", "elsa_ppl",
+                           "sparsity", "sparsity_per_matrix", "wall_seconds"]
+  assert len(summary["sparsity_per_matrix"]) == 14 and all(  # 2 layers x 7 linear maps, each at the target
+      abs(s - 0.6) < 0.01 for s in summary["sparsity_per_matrix"].values())
   assert summary["environment"] == environment and environment["jax"] == jax.__version__
   assert summary["config"] == {k: v for k, v in want.items() if k in summary["config"]}
   assert len(summary["config"]) == len(dataclasses.fields(train.ElsaConfig))
