@@ -44,11 +44,13 @@ START=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 
 # stage NAME SHARE CMD...: runs CMD with at most SHARE% of the whole budget and at most the time left.
+# The dry run's stages are start-up and compilation, whose cost depends on the machine's load, not on a
+# share: each gets the time left.
 stage() {
   local name="$1" share="$2"; shift 2
   local cap=$(( BUDGET_S * share / 100 )) rest
   rest=$(left)
-  (( cap > rest )) && cap=$rest
+  (( cap > rest || DRY )) && cap=$rest
   if (( cap < 5 )); then
     echo "$name skipped (no time left)" | tee -a "$OUT/stages.txt"
     return

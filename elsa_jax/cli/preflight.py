@@ -40,7 +40,8 @@ from elsa_jax.sparsity import prunable as prunable_lib
 logger = logging.getLogger(__name__)
 
 #: What a run folder (``--output`` of prune) holds; anything else there is not a run's.
-RUN_ENTRIES = ("checkpoints", "finetune_checkpoints", "metrics.jsonl", "summary.json", "model")
+RUN_ENTRIES = ("checkpoints", "finetune_checkpoints", "metrics.jsonl", "finetune_metrics.jsonl", "summary.json",
+               "model")
 
 
 def check_memory(

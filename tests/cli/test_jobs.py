@@ -21,6 +21,7 @@ import elsa_jax
 from elsa_jax.models import llama
 from elsa_jax.cli import config as config_lib
 from elsa_jax.cli import jobs as pipeline
+from elsa_jax.run import memory as memory_lib
 from elsa_jax.run import sharding as sharding_lib
 from elsa_jax.run import train
 
@@ -114,7 +115,7 @@ def test_run_that_will_not_fit_is_refused_before_loading(tiny_run, tmp_path, mon
   need = fits.total_bytes
   assert need > 24 * fits.n_params  # fp32 w, z, u, score, Adam m, v, and more
   # A device with half of that: prune stops before reading any weight or writing anything.
-  monkeypatch.setattr(pipeline.memory_lib, "device_memory_bytes", lambda device=None: need // 2)
+  monkeypatch.setattr(memory_lib, "device_memory_bytes", lambda device=None: need // 2)
   monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
   with pytest.raises(MemoryError, match=r"needs .* GiB.*--remat.*float8"):
     pipeline.prune(_run(tiny_run, tmp_path / "o"), progress=False)
@@ -236,7 +237,7 @@ def test_safe_plus_from_wanda_trains_and_export_run_reproduces_it(tiny_run):
   )
   assert list(summary) == ["model", "method", "config", "eval_seqlen", "init_method", "oneshot_calibration",
                            "environment", "wanda_seconds", "wanda_ppl", "train_tokens_per_second", "final_metrics", "safe+_ppl",
-                           "sparsity", "wall_seconds"]
+                           "sparsity", "sparsity_per_matrix", "wall_seconds"]
   assert summary["oneshot_calibration"] == {"windows": 8, "seqlen": 32, "damp": 0.01}
   assert summary["config"]["sam_rho"] == pipeline.SAFE_RHO
   assert summary["config"]["score_source"] == "activations"
