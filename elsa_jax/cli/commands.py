@@ -125,6 +125,10 @@ def _add_elsa_args(p: argparse.ArgumentParser) -> None:
                                       "ratio, any method) | global (ELSA: one threshold over every matrix)")
   g.add_argument("--owl-m", type=float, help="OWL's outlier threshold, times a layer's mean Wanda score (5)")
   g.add_argument("--owl-lambda", type=float, help="OWL's half-width of the layer sparsities (0.08)")
+  g.add_argument("--global-min", type=float, help="--allocation global: the least sparsity of a matrix "
+                                                  "(default --sparsity - 0.1)")
+  g.add_argument("--global-max", type=float, help="--allocation global: the most sparsity of a matrix "
+                                                  "(default the smaller of --sparsity + 0.1 and (1 + --sparsity) / 2)")
 
 
 def _given(args: argparse.Namespace, dest: str) -> bool:

@@ -309,7 +309,7 @@ class RunConfig:
 
 #: ElsaConfig fields newer than the first run_config.json format: recorded only when set, so that the
 #: checkpoints of older runs (which lack them) still resume.
-_RECORDED_WHEN_SET = ("allocation", "owl_m", "owl_lambda")
+_RECORDED_WHEN_SET = ("allocation", "owl_m", "owl_lambda", "global_min", "global_max")
 
 
 def _recorded_fields(cfg: Any) -> dict[str, Any]:

@@ -248,7 +248,10 @@ def _sparsity_target(cfg: train.ElsaConfig) -> tuple[float, tuple[int, int] | No
 def allocate(loaded: LoadedModel, cfg: train.ElsaConfig, oneshot_ids: np.ndarray | None) -> tuple[Any, Any]:
   """``(sparsity, info)``: the run's per-matrix sparsity tree and its summary under ``--allocation owl``
   (:func:`elsa_jax.oneshot.owl.owl_sparsities`, from the dense model's Wanda scores on the one-shot
-  calibration windows); ``(None, None)`` for uniform (and global, ELSA's own projection)."""
+  calibration windows); ``(None, None)`` for uniform; ``(None, bounds)`` for global, which ELSA's
+  projection computes at every z-update (:func:`elsa_jax.optim.steps.global_counts`)."""
+  if cfg.allocation == "global":
+    return None, {"name": "global", "min": cfg.global_bounds[0], "max": cfg.global_bounds[1]}
   if cfg.allocation != "owl":
     return None, None
   tree, layers = owl_lib.owl_sparsities(loaded.graphdef, loaded.params, oneshot_ids, target=cfg.sparsity,

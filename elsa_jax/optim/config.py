@@ -67,6 +67,9 @@ class AdmmConfig:
     sparsity_ramp: None or a schedule of the fraction of the target used at a z-update.
     state_dtype: storage of ``z`` and ``u``.
     state_scale: ``"tensor"`` or ``"row"`` scales of float8 state.
+    global_bounds: None (each matrix at its own sparsity), or ``(s_min, s_max)``:
+      ``--allocation global``, one threshold on the projection's score over every
+      prunable matrix, each matrix's sparsity within the bounds.
   """
 
   pattern: patterns_lib.Pattern
@@ -82,6 +85,7 @@ class AdmmConfig:
   sparsity_ramp: Callable | None
   state_dtype: Any
   state_scale: str
+  global_bounds: tuple[float, float] | None = None
 
   def __hash__(self):  # the per-leaf sparsity of a static copy is a tuple; a live config is never hashed
     return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
@@ -107,6 +111,13 @@ class AdmmConfig:
     if isinstance(self.pattern, patterns_lib.NM) or self.sparsity_ramp is None:
       return s
     return jnp.asarray(s, jnp.float32) * jnp.asarray(self.sparsity_ramp(count), jnp.float32)
+
+  def leaf_bounds(self, count) -> tuple[Any, Any] | None:
+    """:attr:`global_bounds` times the ramp at ``count`` (None without a global allocation)."""
+    if self.global_bounds is None or self.sparsity_ramp is None:
+      return self.global_bounds
+    ramp = jnp.asarray(self.sparsity_ramp(count), jnp.float32)
+    return tuple(jnp.float32(b) * ramp for b in self.global_bounds)
 
   def lmda_at(self, count) -> jax.Array:
     return jnp.asarray(self.lmda(count) if callable(self.lmda) else self.lmda, jnp.float32)
@@ -157,7 +168,7 @@ def resolve(config: AdmmConfig, opt_state: Any) -> AdmmConfig:
 
 def make_config(*, sparsity, lmda, interval, projection, score_source, score_decay, fixed_score, pattern, n_m,
                 axis, prunable, lmda_schedule, balance_mu, balance_tau, sparsity_ramp, state_dtype, state_scale,
-                score_dtype) -> AdmmConfig:
+                score_dtype, global_bounds=None) -> AdmmConfig:
   """Validates :func:`elsa_jax.admm`'s arguments (see there) and returns the config."""
   pattern = patterns_lib.parse(pattern, n_m)
   prunable_lib.check_choice("lmda_schedule", lmda_schedule, ("constant", "residual_balancing"))
@@ -177,8 +188,26 @@ def make_config(*, sparsity, lmda, interval, projection, score_source, score_dec
   score = scores_lib.make_score(projection, score_source, decay=score_decay, dtype=score_dtype,
                                 fixed_score=fixed_score)
   prunable_lib.resolve_sparsity(sparsity, pattern)  # validates
+  if global_bounds is not None:
+    global_bounds = check_global_bounds(global_bounds, sparsity, pattern)
   return AdmmConfig(
       pattern=pattern, axis=axis, sparsity=None if isinstance(pattern, patterns_lib.NM) else sparsity,
       prunable=prunable_lib.as_predicate(prunable), score=score, interval=interval, lmda=lmda,
       lmda_schedule=lmda_schedule, balance_mu=balance_mu, balance_tau=balance_tau,
-      sparsity_ramp=sparsity_ramp, state_dtype=state_dtype, state_scale=state_scale)
+      sparsity_ramp=sparsity_ramp, state_dtype=state_dtype, state_scale=state_scale, global_bounds=global_bounds)
+
+
+def check_global_bounds(bounds, sparsity, pattern: patterns_lib.Pattern) -> tuple[float, float]:
+  """``bounds`` as ``(s_min, s_max)`` floats; refuses bounds that exclude ``sparsity``, or a pattern with
+  fixed or per-row counts (a global threshold moves counts between matrices)."""
+  if not isinstance(pattern, patterns_lib.Unstructured):
+    raise ValueError(f"global_bounds (--allocation global) moves counts between matrices; the {pattern} pattern "
+                     "fixes them per group or row: use the unstructured pattern, or drop global_bounds.")
+  if isinstance(sparsity, (dict, list, tuple)) or np.ndim(sparsity) != 0:
+    raise ValueError("global_bounds (--allocation global) needs one sparsity, the model-wide target, not a "
+                     "tree of them.")
+  low, high = (float(b) for b in bounds)
+  if not 0.0 <= low <= high < 1.0 or (prunable_lib.is_concrete(sparsity) and not low <= float(sparsity) <= high):
+    raise ValueError(f"global_bounds ({low:g}, {high:g}) (--global-min/--global-max) must satisfy 0 <= s_min <= "
+                     f"sparsity ({float(sparsity):g}) <= s_max < 1.")
+  return low, high

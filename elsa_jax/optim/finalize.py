@@ -148,7 +148,9 @@ def finalize(params: Any, opt_state: Any = None, *, sparsity=None, pattern=None,
   state of an :func:`elsa_jax.admm` run, the target sparsity, pattern, axis,
   prunable set and score (``v * w**2``: the grad-EMA score, Adam's ``nu`` or
   the fixed score; ``|w|`` for the magnitude projection) are the run's own;
-  an argument given as well must agree with them, else ValueError. Without one,
+  an argument given as well must agree with them, else ValueError (a run with
+  ``global_bounds`` moves counts between matrices by one threshold, the total
+  unchanged: :func:`elsa_jax.optim.steps.global_counts`). Without one,
   the arguments say it all (``projection="magnitude"``, or the ``nu`` of a
   plain Adam state). Non-prunable leaves are returned unchanged.
 
@@ -196,7 +198,10 @@ def finalize(params: Any, opt_state: Any = None, *, sparsity=None, pattern=None,
   for i in kept:
     s = at(flat[i][0])
     sparsities.append(float(np.asarray(s)) if prunable_lib.is_concrete(s) else s)
-  pruned = steps.project([flat[i][1] for i in kept], [decode(v[i]) for i in kept], sparsities, pattern, axis)
+  ws, vs = [flat[i][1] for i in kept], [decode(v[i]) for i in kept]
+  bounds = None if admm_state is None else config_lib.resolve(admm_state.config, opt_state).global_bounds
+  counts = None if bounds is None else steps.global_counts(steps.scores(ws, vs), sparsities, [bounds] * len(kept))
+  pruned = steps.project(ws, vs, sparsities, pattern, axis, counts)
   out = [w for _, w in flat]
   for i, w in zip(kept, pruned):
     out[i] = w

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from elsa_jax.sparsity import patterns as patterns_lib
 from elsa_jax.sparsity import prunable as prunable_lib
+from elsa_jax.sparsity import global_topk
 from elsa_jax.sparsity import topk
 
 
@@ -68,15 +69,29 @@ def scores(ys: Sequence[jax.Array], vs: Sequence[jax.Array | None]) -> list[jax.
   return [topk.magnitude_score(y) if v is None else topk.objective_aware_score(y, v) for y, v in zip(ys, vs)]
 
 
+def global_counts(score: Sequence[jax.Array], sparsities: Sequence, bounds: Sequence) -> list[jax.Array]:
+  """The pruned counts of ``--allocation global``: one threshold on ``score`` over all the matrices.
+
+  Matrix ``i`` of ``n_i`` entries prunes between ``round(low_i * n_i)`` and ``round(high_i * n_i)``
+  (``bounds[i] = (low_i, high_i)``), and the counts add up to the uniform ones, ``round(s_i * n_i)``
+  (:func:`elsa_jax.sparsity.global_topk.global_pruned_counts`).
+  """
+  sizes = [s.size for s in score]
+  count = lambda ss: [topk.num_pruned(n, s) for n, s in zip(sizes, ss)]  # noqa: E731
+  return global_topk.global_pruned_counts(score, count(sparsities), count([b[0] for b in bounds]),
+                                          count([b[1] for b in bounds]))
+
+
 def project(ys: Sequence[jax.Array], vs: Sequence[jax.Array | None], sparsities: Sequence,
-            pattern: patterns_lib.Pattern, axis: int = 0) -> list[jax.Array]:
+            pattern: patterns_lib.Pattern, axis: int = 0, pruned: Sequence | None = None) -> list[jax.Array]:
   """``z = Proj_S(y)`` for several matrices: the top entries of each by :func:`scores`, the rest zero.
 
   Counts are exact (``round(sparsity * n)`` pruned per matrix or per slice, ``m - n`` per N:M group), ties
-  broken by position; consecutive matrices share one bisection.
+  broken by position; consecutive matrices share one bisection. ``pruned``: the counts of
+  :func:`global_counts` in place of the sparsities (``--allocation global``).
   """
   masks = topk.sparsity_masks(scores(ys, vs), sparsities, pattern=pattern.kind, n_m=pattern.n_m or (2, 4),
-                              axis=axis)
+                              axis=axis, pruned=pruned)
   return [jnp.where(m, y, 0.0) for m, y in zip(masks, ys)]
 
 
@@ -85,7 +100,7 @@ def dual(u: jax.Array, w: jax.Array, z: jax.Array) -> jax.Array:
   return u.astype(jnp.float32) + w.astype(jnp.float32) - z.astype(jnp.float32)
 
 
-def zu_step(w, u_prev, z_prev, v, sparsities, pattern: patterns_lib.Pattern, axis: int = 0):
+def zu_step(w, u_prev, z_prev, v, sparsities, pattern: patterns_lib.Pattern, axis: int = 0, pruned=None):
   """The z/u update of some matrices: ``y = w + u``, ``z = Proj(y)``, ``u = u + w - z``.
 
   Args:
@@ -96,13 +111,14 @@ def zu_step(w, u_prev, z_prev, v, sparsities, pattern: patterns_lib.Pattern, axi
     sparsities: the fraction pruned in each.
     pattern: the sparsity pattern.
     axis: the axis along which entries compete.
+    pruned: the pruned counts in place of ``sparsities`` (:func:`global_counts`), or None.
 
   Returns:
     ``(z, u, sums)``: lists of float32 arrays and the float32 sums
     ``[||w - z||^2, ||w||^2, ||z - z_prev||^2, mask flips]``.
   """
   y = [w_ + u_ for w_, u_ in zip(w, u_prev)]
-  z = project(y, v, sparsities, pattern, axis)
+  z = project(y, v, sparsities, pattern, axis, pruned)
   u = [dual(u_, w_, z_) for u_, w_, z_ in zip(u_prev, w, z)]
   sums = [
       _total([jnp.sum(jnp.square(w_ - z_)) for w_, z_ in zip(w, z)]),

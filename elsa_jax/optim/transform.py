@@ -228,6 +228,18 @@ def admm_update(cfg: AdmmConfig, base: optax.GradientTransformationExtraArgs, up
       lmda_factor=lmda_factor, metrics=AdmmMetrics(*signals, _f32(lmda_now)))
 
 
+def _global_counts(cfg: AdmmConfig, flat, dw, kept, u_q, u_s, v, count):
+  """The pruned count of each kept matrix under ``--allocation global`` (None otherwise), from all of
+  ``y = w' + u`` at once (:func:`elsa_jax.optim.steps.global_counts`)."""
+  bounds = cfg.leaf_bounds(count)
+  if bounds is None:
+    return None
+  ys = [(flat[i][1] if dw[i] is None else optax.apply_updates(flat[i][1], dw[i])).astype(jnp.float32)
+        + codecs.decode_scaled(u_q[i], u_s[i]) for i in kept]
+  score = steps.scores(ys, [cfg.score.decode(v[i]) for i in kept])
+  return steps.global_counts(score, [cfg.leaf_sparsity(flat[i][0], count) for i in kept], [bounds] * len(kept))
+
+
 def zu_update(cfg: AdmmConfig, params, base_updates, state: AdmmState, count, lmda_now, keep):
   """The z/u update of :func:`elsa_jax.optim.steps.zu_step` on the stored state, group after group.
 
@@ -244,6 +256,7 @@ def zu_update(cfg: AdmmConfig, params, base_updates, state: AdmmState, count, lm
   u_q, u_s, z_q, z_s = (leaves(t) for t in (state.u, state.u_scale, state.z, state.z_scale))
   out = [leaves(t) for t in (state.z, state.z_scale, state.u, state.u_scale)]
   sums = [jnp.zeros(5, jnp.float32)]
+  pruned = _global_counts(cfg, flat, dw, kept, u_q, u_s, v, count)
 
   def group(members, after):
     # The group's inputs in float32, each plus ``after``: a zero that orders this group after the last.
@@ -255,7 +268,7 @@ def zu_update(cfg: AdmmConfig, params, base_updates, state: AdmmState, count, lm
     w = [(flat[i][1] if dw[i] is None else optax.apply_updates(flat[i][1], dw[i])).astype(jnp.float32) + after
          for i in idx]
     z, u, group_sums = steps.zu_step(w, u_prev, z_prev, vs, [cfg.leaf_sparsity(flat[i][0], count) for i in idx],
-                                     cfg.pattern, cfg.axis)
+                                     cfg.pattern, cfg.axis, None if pruned is None else [pruned[j] for j in members])
     encoded = [(codecs.encode_scaled(z_, cfg.state_dtype, cfg.scale_axis),
                 codecs.encode_scaled(u_, cfg.state_dtype, cfg.scale_axis)) for z_, u_ in zip(z, u)]
     stored_zeros = sum((jnp.sum(codecs.is_zero(zq), dtype=jnp.float32) for (zq, _), _ in encoded),
@@ -333,6 +346,7 @@ def admm(
     state_dtype: Any = "float32",
     state_scale: str = "tensor",
     score_dtype: Any = None,
+    global_bounds: tuple[float, float] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """ELSA: drives the prunable matrices to a sparse set by ADMM around ``base``.
 
@@ -381,6 +395,12 @@ def admm(
     state_dtype: ``z``/``u`` storage (ELSA-L): float32, bfloat16, float8_e4m3fn, float8_e5m2.
     state_scale: ``"tensor"`` or ``"row"`` scales of float8 storage.
     score_dtype: grad-EMA storage: float32, bfloat16, int8 (default: the state's width).
+    global_bounds: None, or ``(s_min, s_max)`` with ``s_min <= sparsity <= s_max``:
+      one threshold on the projection's score over every prunable matrix
+      (unstructured), each matrix's sparsity within the bounds and the overall
+      count that of ``sparsity`` (:func:`elsa_jax.optim.steps.global_counts`).
+      The z-update then holds the keys of all the matrices at once (4 bytes
+      per prunable weight), not group by group.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is :class:`AdmmState`.
@@ -389,7 +409,7 @@ def admm(
       sparsity=sparsity, lmda=lmda, interval=interval, projection=projection, score_source=score_source,
       score_decay=score_decay, fixed_score=fixed_score, pattern=pattern, n_m=n_m, axis=axis, prunable=prunable,
       lmda_schedule=lmda_schedule, balance_mu=balance_mu, balance_tau=balance_tau, sparsity_ramp=sparsity_ramp,
-      state_dtype=state_dtype, state_scale=state_scale, score_dtype=score_dtype)
+      state_dtype=state_dtype, state_scale=state_scale, score_dtype=score_dtype, global_bounds=global_bounds)
   base = optax.with_extra_args_support(base)
   return optax.GradientTransformationExtraArgs(functools.partial(admm_init, cfg, base),
                                                functools.partial(admm_update, cfg, base))

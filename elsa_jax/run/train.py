@@ -102,6 +102,8 @@ class ElsaConfig:
   allocation: str = "uniform"  # uniform | owl (per layer, from the outlier ratios) | global (ELSA)
   owl_m: float = _allocation.OWL_M  # OWL's outlier threshold, a multiple of a layer's mean Wanda score
   owl_lambda: float = _allocation.OWL_LAMBDA  # OWL's half-width of the layer sparsities
+  global_min: float | None = None  # global: a matrix's least sparsity (None: _allocation.global_bounds')
+  global_max: float | None = None  # global: a matrix's most sparsity
 
   def __post_init__(self):
     if not 0.0 <= self.sparsity < 1.0:
@@ -118,7 +120,19 @@ class ElsaConfig:
     except ValueError as err:
       raise ValueError(f"--pattern: {err}") from None
     _allocation.check_allocation(self.allocation, self.sparsity, self.owl_m, self.owl_lambda,
-                                 fixed_counts=str(pattern) if isinstance(pattern, patterns.NM) else None)
+                                 fixed_counts=str(pattern) if isinstance(pattern, patterns.NM) else None,
+                                 per_row=isinstance(pattern, patterns.PerRow))
+    if self.allocation == "global":
+      _allocation.check_global(self.sparsity, *self.global_bounds)
+    elif (self.global_min, self.global_max) != (None, None):
+      raise ValueError(f"--global-min/--global-max bound the matrices of --allocation global; this run's "
+                       f"allocation is {self.allocation}: add --allocation global or drop them.")
+
+  @property
+  def global_bounds(self) -> tuple[float, float]:
+    """``(s_min, s_max)`` of ``--allocation global``: the flags, else :func:`elsa_jax.sparsity.allocation.global_bounds`."""
+    low, high = _allocation.global_bounds(self.sparsity)
+    return (low if self.global_min is None else self.global_min, high if self.global_max is None else self.global_max)
 
   @property
   def tokens_per_step(self) -> int:
@@ -148,9 +162,8 @@ def make_optimizer(cfg: ElsaConfig, fixed_score: Any = None, sparsity: Any = Non
   ``sparsity``: a per-matrix tree (``--allocation owl``,
   :func:`elsa_jax.oneshot.owl.owl_sparsities`) in place of ``cfg.sparsity``.
   """
-  if cfg.allocation != "uniform" and sparsity is None:  # global: the ADMM projection's (elsa_jax.optim)
-    raise ValueError(f"--allocation {cfg.allocation} needs per-matrix sparsities (owl: elsa_jax.oneshot.owl)"
-                     f"{'' if cfg.allocation == 'owl' else ', which this build does not compute'}.")
+  if cfg.allocation == "owl" and sparsity is None:
+    raise ValueError("--allocation owl needs per-matrix sparsities (elsa_jax.oneshot.owl.owl_sparsities).")
   base = _base_adam(cfg)
   kwargs = dict(
       sparsity=pattern_sparsity(cfg) if sparsity is None else sparsity,
@@ -161,6 +174,7 @@ def make_optimizer(cfg: ElsaConfig, fixed_score: Any = None, sparsity: Any = Non
       pattern=patterns.parse(cfg.pattern),
       state_dtype=cfg.state_dtype,
       score_dtype=cfg.score_dtype,
+      global_bounds=cfg.global_bounds if cfg.allocation == "global" else None,
   )
   if cfg.score_source == "activations":
     if fixed_score is None and cfg.projection == "objective_aware":

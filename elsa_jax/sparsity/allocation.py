@@ -18,8 +18,10 @@
 * ``owl``: OWL (Yin et al. 2023, "Outlier Weighed Layerwise sparsity"): a
   decoder layer with more outliers among its Wanda scores ``|W_ij| * ||X_j||``
   is pruned less (:func:`owl_layer_sparsities`);
-* ``global``: one threshold on ELSA's projection score over every matrix
-  (an ADMM-only allocation; it lives with the projection).
+* ``global``: one threshold on ELSA's projection score over every matrix,
+  each within ``[s_min, s_max]`` (:func:`global_bounds`); an ADMM-only
+  allocation, computed on the device at every z-update
+  (:mod:`elsa_jax.sparsity.global_topk`).
 
 The functions here are pure maths on host numbers and score arrays; the
 one-shot walk and the ELSA jobs feed them (:mod:`elsa_jax.oneshot.owl`).
@@ -44,6 +46,8 @@ ALLOCATIONS = ("uniform", "owl", "global")
 #: OWL's defaults (the paper's LLaMA settings): outlier threshold M and the half-width lambda.
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
+#: ``--allocation global``'s default half-width of the per-matrix sparsities (:func:`global_bounds`).
+GLOBAL_SPREAD = 0.1
 
 
 def outlier_ratio(scores: Sequence, m: float) -> float:
@@ -77,16 +81,40 @@ def check_owl(target: float, m: float, lmda: float) -> None:
 
 
 def check_allocation(name: str, target: float, m: float = OWL_M, lmda: float = OWL_LAMBDA, *,
-                     fixed_counts: str | None = None) -> None:
-  """Refuses an unknown ``--allocation``, OWL with bad settings, or OWL over a pattern whose
-  counts are fixed (``fixed_counts``: its spelling, e.g. ``"2:4"``)."""
+                     fixed_counts: str | None = None, per_row: bool = False) -> None:
+  """Refuses an unknown ``--allocation``, OWL with bad settings, OWL over a pattern whose counts
+  are fixed (``fixed_counts``: its spelling, e.g. ``"2:4"``), or a global allocation over any
+  pattern but unstructured (``per_row``: the per-row pattern)."""
   if name not in ALLOCATIONS:
     raise ValueError(f"unknown --allocation {name!r}; choose one of {', '.join(ALLOCATIONS)}.")
+  if name == "global" and (fixed_counts or per_row):
+    raise ValueError(f"--allocation global moves counts between matrices by one threshold; the "
+                     f"{fixed_counts or 'row'} pattern fixes the count of every {'group' if fixed_counts else 'row'}: "
+                     f"use --pattern unstructured, or another --allocation.")
   if name == "owl":
     if fixed_counts:
       raise ValueError(f"--allocation owl spreads an unstructured or per-row budget over the layers; the "
                        f"{fixed_counts} pattern fixes every group's count: drop one of them.")
     check_owl(target, m, lmda)
+
+
+def global_bounds(target: float, spread: float = GLOBAL_SPREAD) -> tuple[float, float]:
+  """The default ``[s_min, s_max]`` of ``--allocation global``: ``target -+ spread``, the upper end at
+  most half-way from ``target`` to 1 (so that no matrix is emptied at 90%: ``[0.8, 0.95]``).
+
+  Example:
+    >>> global_bounds(0.7), global_bounds(0.9)
+    ((0.6, 0.8), (0.8, 0.95))
+  """
+  low, high = max(0.0, target - spread), min(target + spread, (1.0 + target) / 2)
+  return round(low, 12), round(high, 12)
+
+
+def check_global(target: float, low: float, high: float) -> None:
+  """Refuses global bounds that leave ``[0, 1)`` or exclude the target."""
+  if not 0.0 <= low <= target <= high < 1.0:
+    raise ValueError(f"--global-min {low:g} and --global-max {high:g} must satisfy 0 <= --global-min <= "
+                     f"--sparsity ({target:g}) <= --global-max < 1.")
 
 
 def owl_layer_sparsities(scores_per_layer: Sequence[Sequence], target: float, m: float = OWL_M,
@@ -183,5 +211,6 @@ def mean_sparsity(sizes: Sequence[int], sparsities: Sequence[float]) -> float:
   return sum(int(round(s * n)) for n, s in zip(sizes, sparsities)) / total if total else 0.0
 
 
-__all__ = ["ALLOCATIONS", "OWL_M", "OWL_LAMBDA", "outlier_ratio", "check_owl", "check_allocation", "owl_layer_sparsities", "owl_from_ratios",
-           "exact_sparsities", "mean_sparsity"]
+__all__ = ["ALLOCATIONS", "OWL_M", "OWL_LAMBDA", "GLOBAL_SPREAD", "outlier_ratio", "check_owl", "check_allocation",
+           "global_bounds", "check_global", "owl_layer_sparsities", "owl_from_ratios", "exact_sparsities",
+           "mean_sparsity"]

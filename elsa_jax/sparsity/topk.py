@@ -364,6 +364,7 @@ def sparsity_masks(
     n_m: tuple[int, int] = (2, 4),
     axis: int = 0,
     max_joint_entries: int | None = None,
+    pruned=None,
 ) -> list[jax.Array]:
   """The masks of a sparsity pattern for several arrays (see :func:`sparsity_mask`).
 
@@ -385,6 +386,9 @@ def sparsity_masks(
     axis: the axis along which entries compete (``"row"`` and ``"nm"``).
     max_joint_entries: the largest number of entries bisected together
       (None: :data:`elsa_jax.lowp.ordering.GROUP_ENTRIES`, the package's one group size).
+    pruned: per array, the number of entries to prune (ints or int32 scalars) in
+      place of ``sparsities``; unstructured only (e.g. the counts of
+      :func:`elsa_jax.sparsity.global_topk.global_pruned_counts`).
 
   Returns:
     A list of boolean masks (True = kept).
@@ -396,14 +400,16 @@ def sparsity_masks(
     raise ValueError(
         f"unknown sparsity pattern {pattern!r}; use 'unstructured', 'row' or 'nm'."
     )
+  if pruned is not None and pattern != "unstructured":
+    raise ValueError(f"pruned counts are for the unstructured pattern, not {pattern!r}.")
   ks, axes = [], []
-  for score, sparsity in zip(scores, sparsities, strict=True):
+  for i, (score, sparsity) in enumerate(zip(scores, sparsities, strict=True)):
     if pattern == "unstructured":
       n, a = math.prod(score.shape), None
     else:
       a = axis % score.ndim
       n = score.shape[a]
-    ks.append(n - num_pruned(n, sparsity))
+    ks.append(n - (num_pruned(n, sparsity) if pruned is None else pruned[i]))
     axes.append(a)
   masks = []
   for group in leaf_groups([s.size for s in scores], max_joint_entries):

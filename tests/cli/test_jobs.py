@@ -355,6 +355,30 @@ def test_owl_allocation_for_a_oneshot_method_and_for_elsa(tiny_run, exported):
   chex.assert_trees_all_equal(exported(out / "again"), exported(out))
 
 
+def test_global_allocation_spreads_one_threshold_over_the_matrices(tiny_run, exported):
+  root = tiny_run[0]
+  with pytest.raises(ValueError, match="--allocation global moves counts between matrices"):
+    _cfg(pattern="2:4", allocation="global")
+  with pytest.raises(ValueError, match="add --allocation global"):
+    _cfg(global_min=0.3)
+  with pytest.raises(ValueError, match="--global-min 0.7 and --global-max 0.8"):
+    _cfg(allocation="global", global_min=0.7, global_max=0.8)
+  out = root / "global"
+  cfg = _cfg(sparsity=0.6, allocation="global", global_max=0.75)
+  summary = pipeline.prune(_run(tiny_run, out, cfg, evaluation={"compare_magnitude": False, "dense": False}),
+                           progress=False)
+  assert summary["allocation"] == {"name": "global", "min": 0.5, "max": 0.75}
+  per_matrix = summary["sparsity_per_matrix"]
+  assert len(per_matrix) == 14 and max(per_matrix.values()) - min(per_matrix.values()) > 0.05
+  assert all(0.5 - 1e-3 <= s <= 0.75 + 1e-3 for s in per_matrix.values()), per_matrix
+  tensors = exported(out)
+  sizes = [v.size for k, v in tensors.items() if _prunable(k)]
+  assert summary["sparsity"] == sum(round(0.6 * n) for n in sizes) / sum(sizes)  # uniform's count, exactly
+  assert json.loads((out / "checkpoints" / "run_config.json").read_text())["global_max"] == 0.75
+  pipeline.export_run(out, out / "again" / "model")
+  chex.assert_trees_all_equal(exported(out / "again"), tensors)
+
+
 def test_masked_recovery_after_sparsegpt_keeps_its_mask_and_resumes_and_exports(tiny_run, exported):
   root = tiny_run[0]
   common = dict(data={"calib_windows": 8}, evaluation={"compare_magnitude": False},

@@ -95,6 +95,11 @@ CASES = {
              state_dtype="float8_e4m3fn"),
         "lmda", (0.05, 0.5), params_fields=_ADMM_FIELDS + ("mu_scale", "nu_scale"),
     ),
+    "elsa_global": Case(
+        elsa_jax.admm,
+        dict(base=optax.adam(LR, b2=0.95), sparsity=SPARSITY, interval=2, global_bounds=(0.25, 0.75)),
+        "lmda", (0.05, 0.5), params_fields=_ADMM_FIELDS,
+    ),
     "elsa_nm": Case(
         elsa_jax.admm,
         dict(base=optax.adam(LR, b2=0.95), pattern="nm", n_m=(2, 4), interval=2),
@@ -227,7 +232,12 @@ def test_minimises_a_quadratic(name, rng):
   (final, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, length=200))((params, tx.init(params)))
   start, end = float(loss(params)), float(loss(final))
   assert end < 0.05 * start, (start, end)
-  if case.is_admm:  # ...and z is sparse: exactly the requested count per matrix or per group
+  if case.is_admm and "global_bounds" in case.kwargs:  # ...and z is sparse: the total exact, each in bounds
+    zs = prunable_z(state)
+    assert sum(int((z == 0).sum()) for z in zs) == sum(round(SPARSITY * z.size) for z in zs)
+    low, high = case.kwargs["global_bounds"]
+    assert all(round(low * z.size) <= (z == 0).sum() <= round(high * z.size) for z in zs)
+  elif case.is_admm:  # ...and z is sparse: exactly the requested count per matrix or per group
     for z in prunable_z(state):
       zero = z == 0
       if case.kwargs.get("pattern") == "nm":
