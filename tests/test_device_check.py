@@ -27,11 +27,12 @@ def _numbers(tree):
 
 def test_the_dry_run_writes_every_result_with_finite_numbers(tmp_path):
   out = tmp_path / "dry"
-  env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, XLA_FLAGS="",
+  # Alone on two cores the dry run takes about 95 s of its 175 s budget; beside the other tests (pytest -n 2)
+  # it gets a larger one, so that a loaded machine cuts no stage.
+  env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, XLA_FLAGS="", BUDGET_S_DRY="330",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  # The script keeps to its own budget (175 s); the timeout only catches a hang.
   proc = subprocess.run(["bash", str(ROOT / "scripts" / "device_check.sh"), "--dry-run"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=360)
+                        capture_output=True, text=True, timeout=420)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   stages = (out / "stages.txt").read_text()
   for name in ("quality-elsa", "quality-baselines", "speed-smollm2", "speed-1b"):
@@ -51,4 +52,4 @@ def test_the_dry_run_writes_every_result_with_finite_numbers(tmp_path):
     assert all(math.isfinite(r["zu_share"]) for r in speed["rows"][1:])
   assert (out / "speed.md").read_text().count("| variant |") == 2
   total = int(stages.strip().splitlines()[-1].split()[1].rstrip("s"))
-  assert total < 180, stages
+  assert total < 330, stages

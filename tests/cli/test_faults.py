@@ -141,8 +141,12 @@ def test_sigkill_at_random_instants_resumes_bit_identical(tiny_run, reference, t
 
   delay = float(rng.uniform(3, 30))  # start-up takes 10-25 s here: anywhere from start-up to training
   more = int(rng.integers(1, _STEPS // 3))
+  def random_instant():  # at the delay, or half-way through training on a machine where that comes first
+    late, halfway = _after_seconds(delay), _after_more_steps(out / "metrics.jsonl", _STEPS // 2)
+    return lambda: late() or halfway()
+
   triggers = {  # each made when its attempt starts
-      "random": lambda: _after_seconds(delay),
+      "random": random_instant,
       "training": lambda: _after_more_steps(out / "metrics.jsonl", more),
       "checkpointing": lambda: orbax_writing,
       "export": lambda: exporting,

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import signal
-import subprocess
 import sys
-import time
 
 import chex
 import jax
@@ -131,47 +128,6 @@ def test_checkpoint_from_another_config_is_refused(tiny_run):
   assert summary["stopped_at"] == 2 and not (out / "model").exists()
   with pytest.raises(ValueError, match="another configuration"):
     pipeline.prune(config_lib.override(run, elsa={"lmda": 0.05}), progress=False)
-
-
-def _cli(model_dir, calib, evalt, out, extra_env=None):
-  cmd = [sys.executable, "-m", "elsa_jax.cli", "prune", "--model", str(model_dir), "--calib", str(calib),
-         "--eval-text", str(evalt), "--output", str(out), "--steps", "12", "--batch-size", "2", "--seqlen", "32",
-         "--interval", "2", "--compute-dtype", "float32", "--eval-seqlen", "32", "--checkpoint-every", "2",
-         "--no-compare-magnitude", "--no-dense-eval", "--preset", "cpu"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **(extra_env or {}))
-  return cmd, env
-
-
-def test_killed_run_resumes_bit_exact(tiny_run, exported):
-  root, model_dir, calib, evalt = tiny_run
-  ref_out, cut_out = root / "ref", root / "cut"
-  cmd, env = _cli(model_dir, calib, evalt, ref_out)
-  subprocess.run(cmd, env=env, check=True, capture_output=True)
-
-  # 1) killed at an arbitrary moment after a few steps.
-  cmd, env = _cli(model_dir, calib, evalt, cut_out)
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  metrics = cut_out / "metrics.jsonl"
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not (cut_out / "model").exists()
-  # 2) killed in the middle of an asynchronous checkpoint write (see ELSA_JAX_TEST_CRASH_IN_SAVE).
-  cmd, env = _cli(model_dir, calib, evalt, cut_out, {"ELSA_JAX_TEST_CRASH_IN_SAVE": "8"})
-  crashed = subprocess.run(cmd, env=env, capture_output=True)
-  assert crashed.returncode != 0
-  assert not (cut_out / "model").exists()
-  # 3) the same command again finishes the run.
-  cmd, env = _cli(model_dir, calib, evalt, cut_out)
-  subprocess.run(cmd, env=env, check=True, capture_output=True)
-  ref, got = exported(ref_out), exported(cut_out)
-  assert ref.keys() == got.keys()
-  for k in ref:
-    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
 def test_same_trajectory_on_one_and_eight_devices(tiny_run):
@@ -391,6 +347,7 @@ def test_masked_recovery_after_sparsegpt_keeps_its_mask_and_resumes_and_exports(
   assert stopped["finetune_stopped_at"] == 2 and not (root / "sgpt-ft" / "model").exists()
   tuned = pipeline.prune(run, progress=False)  # resumes the recovery at step 2
   whole = pipeline.prune(config_lib.override(run, output={"dir": root / "sgpt-ft2"}), progress=False)
+  assert whole["sparsegpt_ppl"] == tuned["sparsegpt_ppl"]
   assert tuned["sparsegpt_before_finetune_ppl"] == pytest.approx(plain["sparsegpt_ppl"], rel=1e-6)
   assert tuned["sparsegpt_ppl"] < plain["sparsegpt_ppl"]
   before, after = exported(root / "sgpt"), exported(root / "sgpt-ft")
