@@ -19,6 +19,7 @@ from flax import nnx
 from elsa_jax import cli
 from elsa_jax import models
 from elsa_jax import oneshot
+from elsa_jax.models import generate
 from elsa_jax.run import memory
 from elsa_jax.run import sharding as sharding_lib
 from elsa_jax.run import train
@@ -322,3 +323,30 @@ def test_prune_export_reload_from_the_command_line(family, method, tiny_text):
   ids = np.random.default_rng().integers(0, len(tokenizer), size=(2, 24))
   pruned.set_attn_implementation("eager")
   assert np.abs(_logits(model, ids) - _hf_logits(pruned.eval(), ids)).max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "mistral"])  # soft-caps, windows, q/k norms
+def test_kv_cache_decoding_matches_the_full_forward_and_transformers(family, hf_dirs):
+  """Prompts longer than the sliding window (8): the cached logits equal the full forward's, and
+  greedy decoding equals transformers' greedy generate."""
+  hf, directory = hf_dirs[family]
+  model, _ = models.from_pretrained(directory)
+  graphdef, params = models.split(model)
+  rng = np.random.default_rng(_seed())
+  prompts = [rng.integers(3, 97, size=n).tolist() for n in (5, 13, 19)]
+  decode_graphdef, cache = generate.decoding_model(graphdef, params, batch=3, length=40)
+  ids, positions = generate.left_padded(prompts, 24)
+  logits, cache = generate.cached_forward(decode_graphdef, params, cache, jnp.asarray(ids), jnp.asarray(positions))
+  nxt = rng.integers(3, 97, size=(3, 1)).astype(np.int32)
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  step, _ = generate.cached_forward(decode_graphdef, params, cache, jnp.asarray(nxt), jnp.asarray(lengths[:, None]))
+  for row, prompt in enumerate(prompts):
+    full = _logits(model, [prompt + nxt[row].tolist()])[0]
+    np.testing.assert_allclose(np.asarray(logits[row, 24 - len(prompt):]), full[:-1], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(step[row, 0]), full[-1], atol=2e-5)
+  got = generate.greedy(graphdef, params, prompts, max_new_tokens=8, batch_size=3)
+  for prompt, tokens in zip(prompts, got):
+    with torch.no_grad():
+      ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                        eos_token_id=None)
+    assert tokens == ref[0, len(prompt):].tolist(), prompt

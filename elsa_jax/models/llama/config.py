@@ -186,7 +186,15 @@ class LlamaConfig:
     return d
 
 
-def _rope_scaling(scaling: Mapping[str, Any] | None) -> dict[str, Any] | None:
+class RopeScaling(dict):
+  """HF's ``rope_scaling`` dict, hashable: a config rides in the model's graphdef, which
+  ``jax.jit(..., static_argnums=...)`` hashes (greedy decoding, the lm-eval backend)."""
+
+  def __hash__(self):
+    return hash(tuple(sorted((k, repr(v)) for k, v in self.items())))
+
+
+def _rope_scaling(scaling: Mapping[str, Any] | None) -> RopeScaling | None:
   """HF's ``rope_scaling`` with its type under ``rope_type`` (None for the default)."""
   if scaling is None:
     return None
@@ -198,7 +206,7 @@ def _rope_scaling(scaling: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return None
   scaling["rope_type"] = rope_type
   scaling.pop("type", None)
-  return scaling
+  return RopeScaling(scaling)
 
 
 def layer_types(config: LlamaConfig, given, default) -> tuple[str, ...]:
