@@ -125,6 +125,12 @@ def _add_elsa_args(p: argparse.ArgumentParser) -> None:
                                       "ratio, any method) | global (ELSA: one threshold over every matrix)")
   g.add_argument("--owl-m", type=float, help="OWL's outlier threshold, times a layer's mean Wanda score (5)")
   g.add_argument("--owl-lambda", type=float, help="OWL's half-width of the layer sparsities (0.08)")
+  g.add_argument("--distill", type=float, help="A in [0, 1]: train on (1 - A) CE + A T^2 KL(dense || pruned), the "
+                                             "dense model a frozen teacher (ADMM methods and --finetune-steps; 0)")
+  g.add_argument("--distill-temp", type=float, help="T > 0, the softmax temperature of --distill (1)")
+  g.add_argument("--squarehead", action="store_true",
+                 help="add SquareHead's per-block loss, mean ||h - h_dense||^2 / ||h_dense||^2, to the distillation "
+                      "term (needs --distill)")
 
 
 def _given(args: argparse.Namespace, dest: str) -> bool:

@@ -45,24 +45,29 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _kl_rows(student: jax.Array, teacher: jax.Array) -> jax.Array:
-  """``KL(softmax(teacher) || softmax(student))`` over the last axis, float32 in, float32 out."""
-  log_p_teacher = jax.nn.log_softmax(teacher, axis=-1)
-  return jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - jax.nn.log_softmax(student, axis=-1)), axis=-1)
+  """``KL(softmax(teacher) || softmax(student))`` over the last axis, float32; exactly 0 on equal rows."""
+  return _kl_rows_fwd(student, teacher)[0]
 
 
 def _kl_rows_fwd(student, teacher):
-  return _kl_rows(student, teacher), (student, teacher)
+  # Rows equal bit for bit have a KL of exactly 0 and a gradient of exactly 0. Computed, both would carry
+  # the rounding of two softmaxes (XLA fuses each its own way): noise that Adam would scale up to a step.
+  equal = jnp.all(student == teacher, axis=-1)
+  log_p_teacher = jax.nn.log_softmax(teacher, axis=-1)
+  log_ratio = log_p_teacher - jax.nn.log_softmax(student, axis=-1)
+  kl = jnp.sum(jnp.exp(log_p_teacher) * log_ratio, axis=-1)
+  return jnp.where(equal, 0.0, kl), (student, teacher, equal)
 
 
 def _kl_rows_bwd(residuals, g):
-  # The analytic gradient, each softmax computed by the same function: exactly zero where the rows are equal
-  # (autodiff through log_softmax leaves p * (sum(p) - 1), a rounding error that Adam would amplify).
-  student, teacher = residuals
-  p_student, p_teacher = jax.nn.softmax(student, axis=-1), jax.nn.softmax(teacher, axis=-1)
-  log_ratio = jax.nn.log_softmax(teacher, axis=-1) - jax.nn.log_softmax(student, axis=-1)
+  # The analytic gradient: d/ds = softmax(s) - softmax(t), d/dt = p_t (log p_t - log p_s - KL).
+  student, teacher, equal = residuals
+  g = jnp.where(equal, 0.0, g)[..., None]
+  log_p_teacher = jax.nn.log_softmax(teacher, axis=-1)
+  log_ratio = log_p_teacher - jax.nn.log_softmax(student, axis=-1)
+  p_teacher = jnp.exp(log_p_teacher)
   kl = jnp.sum(p_teacher * log_ratio, axis=-1, keepdims=True)
-  g = g[..., None]
-  return g * (p_student - p_teacher), g * p_teacher * (log_ratio - kl)
+  return g * (jax.nn.softmax(student, axis=-1) - p_teacher), g * p_teacher * (log_ratio - kl)
 
 
 _kl_rows.defvjp(_kl_rows_fwd, _kl_rows_bwd)
@@ -93,13 +98,14 @@ def squarehead_loss(student_hiddens: jax.Array, teacher_hiddens: jax.Array) -> j
 
   Returns:
     A float32 scalar: per token the squared error normalised by the teacher's squared norm (a token whose
-    teacher features are all zero divides by the smallest normal float32 instead), averaged over the
-    tokens of each block, then over the blocks.
+    teacher features are all zero counts its squared error as it is), averaged over the tokens of each
+    block, then over the blocks.
   """
   student = student_hiddens.astype(jnp.float32)
   teacher = teacher_hiddens.astype(jnp.float32)
   error = jnp.sum(jnp.square(student - teacher), axis=-1)
-  norm = jnp.maximum(jnp.sum(jnp.square(teacher), axis=-1), jnp.finfo(jnp.float32).tiny)
+  norm = jnp.sum(jnp.square(teacher), axis=-1)
+  norm = jnp.where(norm > 0, norm, 1.0)
   return (error / norm).mean()
 
 

@@ -77,13 +77,16 @@ def cast_floating(params: Any, dtype: Any, *, copy: bool = False) -> Any:
   return jax.tree.map(cast, params)
 
 
-def make_teacher(graphdef: Any, params: Any, compute_dtype: Any, mesh: jax.sharding.Mesh,
-                 rules: dict[str, str | None] | None = None) -> Any:
-  """A frozen copy of ``params`` in ``compute_dtype``, placed as :func:`elsa_jax.run.train.run` places
-  the student params (``rules``: the same as its). New buffers: the student's donation never reaches them."""
+def make_teacher(graphdef: Any, params: Any, cfg: Any, mesh: jax.sharding.Mesh,
+                 rules: dict[str, str | None] | None = None) -> Any | None:
+  """The teacher of a run of ``cfg`` (None where it does not distil): a frozen copy of ``params`` in
+  ``cfg.compute_dtype``, placed as :func:`elsa_jax.run.train.run` places the student params (``rules``:
+  the same as its). New buffers: the student's donation never reaches them."""
+  if spec(cfg) is None:
+    return None
   rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
   shardings = sharding_lib.param_shardings(models.logical_axes_of(graphdef, params), params, mesh, rules)
-  return copy_teacher(params, shardings, compute_dtype)
+  return copy_teacher(params, shardings, cfg.compute_dtype)
 
 
 def copy_teacher(params: Any, shardings: Any, compute_dtype: Any) -> Any:

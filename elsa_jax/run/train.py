@@ -267,7 +267,7 @@ def make_train_step(
 
 def _grad_fn(graphdef: Any, compute_dtype: jnp.dtype, sam_rho: float, distill: teacher_lib.DistillSpec | None
              ) -> Callable[..., tuple[dict[str, jax.Array], Any]]:
-  """``grad_fn(params, tokens[, teacher]) -> ({"loss": ...}, grads)`` of one micro-batch (see :func:`make_train_step`)."""
+  """``grad_fn(params, tokens[, teacher]) -> ({"loss": ...}, grads)``, one micro-batch's (:func:`make_train_step`)."""
   if distill is not None:
     return teacher_lib.distill_grad_fn(graphdef, compute_dtype, distill, sam_rho)
   value_and_grad = jax.value_and_grad(make_loss_fn(graphdef, compute_dtype))
