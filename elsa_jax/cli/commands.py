@@ -129,6 +129,12 @@ def _add_elsa_args(p: argparse.ArgumentParser) -> None:
                                                   "(default --sparsity - 0.1)")
   g.add_argument("--global-max", type=float, help="--allocation global: the most sparsity of a matrix "
                                                   "(default the smaller of --sparsity + 0.1 and (1 + --sparsity) / 2)")
+  g.add_argument("--distill", type=float, help="A in [0, 1]: train on (1 - A) CE + A T^2 KL(dense || pruned), the "
+                                             "dense model a frozen teacher (ADMM methods and --finetune-steps; 0)")
+  g.add_argument("--distill-temp", type=float, help="T > 0, the softmax temperature of --distill (1)")
+  g.add_argument("--squarehead", action="store_true",
+                 help="add SquareHead's per-block loss, mean ||h - h_dense||^2 / ||h_dense||^2, to the distillation "
+                      "term (needs --distill)")
 
 
 def _given(args: argparse.Namespace, dest: str) -> bool:

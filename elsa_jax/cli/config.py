@@ -156,7 +156,8 @@ class MethodSpec:
     damp: ``--damp``: SparseGPT's dampening, a fraction of the mean of ``diag(H)``.
     elsa: the hyperparameters as given (the ELSA flags); see :attr:`hyperparameters`.
     finetune_steps: ``--finetune-steps``: masked recovery after the method (0: none): Adam on the
-      surviving weights with the mask frozen, on the next-token loss, ``batch_size x seqlen`` tokens a step.
+      surviving weights with the mask frozen, on the next-token loss (distilled from the dense model
+      with ``--distill``, as the method's), ``batch_size x seqlen`` tokens a step.
     finetune_lr: ``--finetune-lr``: its learning rate (linear decay to 0).
   """
 
@@ -178,6 +179,9 @@ class MethodSpec:
       raise ValueError(f"--allocation global thresholds ELSA's projection score, which --method {self.name} does "
                        f"not have; use it with {', '.join(ADMM_METHODS)}, or --allocation owl.")
     positive("--finetune-steps", self.finetune_steps, allow_zero=True)
+    if self.elsa.distill > 0 and not (self.trained or self.finetune_steps):
+      raise ValueError(f"--distill trains against the dense model, which --method {self.name} (one-shot) does not; "
+                       f"use it with {', '.join(ADMM_METHODS)} or with --finetune-steps N (the masked recovery).")
     if not self.finetune_lr > 0:
       raise ValueError(f"--finetune-lr must be positive, got {self.finetune_lr}.")
 
@@ -309,7 +313,8 @@ class RunConfig:
 
 #: ElsaConfig fields newer than the first run_config.json format: recorded only when set, so that the
 #: checkpoints of older runs (which lack them) still resume.
-_RECORDED_WHEN_SET = ("allocation", "owl_m", "owl_lambda", "global_min", "global_max")
+_RECORDED_WHEN_SET = ("allocation", "owl_m", "owl_lambda", "global_min", "global_max", "distill", "distill_temp",
+                      "squarehead")
 
 
 def _recorded_fields(cfg: Any) -> dict[str, Any]:

@@ -61,6 +61,7 @@ from elsa_jax.data import documents as data_lib
 from elsa_jax.data import evaluation as evaluate_lib
 from elsa_jax.run import checks
 from elsa_jax.run import sharding as sharding_lib
+from elsa_jax.run import teacher as teacher_lib
 from elsa_jax.run import train
 from elsa_jax.sparsity import patterns
 
@@ -290,8 +291,9 @@ def _oneshot(run: config_lib.RunConfig, inputs: _Inputs, name: str, summary: dic
 
 def _train(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh,
            checkpointer: checkpoint_lib.RunCheckpointer, summary: dict[str, Any], *,
-           stop_after: int | None, progress: bool, allocation: Any = None) -> Any | None:
-  """Trains an ADMM method from its starting point and finalizes it; None when stopped early."""
+           stop_after: int | None, progress: bool, allocation: Any = None, teacher: Any = None) -> Any | None:
+  """Trains an ADMM method from its starting point (distilling from ``teacher``, the dense model, with
+  ``--distill``) and finalizes it; None when stopped early."""
   cfg, loaded, init_method = run.method.hyperparameters, inputs.loaded, run.method.init
   sparsity, _ = _sparsity_target(cfg)
   fixed_score = None
@@ -310,7 +312,7 @@ def _train(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh,
         loaded.graphdef, start_params, cfg, inputs.windows.batch, mesh=mesh,
         logical_axes=models.logical_axes_of(loaded.graphdef, loaded.params),
         checkpointer=checkpointer, metrics_path=pathlib.Path(run.output.dir) / "metrics.jsonl", progress=progress,
-        stop_after=stop_after, fixed_score=fixed_score, sparsity=allocation,
+        stop_after=stop_after, fixed_score=fixed_score, sparsity=allocation, teacher=teacher,
     )
   finally:
     checkpointer.close()
@@ -326,7 +328,7 @@ def _train(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh,
 
 
 def _finetune(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mesh, pruned: Any,
-              summary: dict[str, Any], *, stop_after: int | None, progress: bool) -> Any | None:
+              summary: dict[str, Any], *, stop_after: int | None, progress: bool, teacher: Any = None) -> Any | None:
   """Masked recovery of ``pruned`` (``--finetune-steps``) with its own checkpoints; None when stopped early.
 
   The loop is :func:`elsa_jax.run.train.run` with :func:`~elsa_jax.run.train.make_finetune_optimizer`;
@@ -346,7 +348,7 @@ def _finetune(run: config_lib.RunConfig, inputs: _Inputs, mesh: jax.sharding.Mes
       loaded.graphdef, pruned, cfg, lambda step: inputs.windows.batch(offset + step), mesh=mesh,
       logical_axes=models.logical_axes_of(loaded.graphdef, loaded.params), checkpointer=checkpointer,
       metrics_path=out / "finetune_metrics.jsonl", progress=progress, stop_after=stop_after,
-      tx=train.make_finetune_optimizer(cfg, loaded.architecture.prunable))
+      tx=train.make_finetune_optimizer(cfg, loaded.architecture.prunable), teacher=teacher)
   checkpointer.close()
   summary["finetune"] = {"steps": cfg.steps, "lr": cfg.lr, "seconds": time.perf_counter() - t,
                          "tokens_per_second": result.tokens_per_second,
@@ -455,13 +457,16 @@ def _prune_locked(run: config_lib.RunConfig, mesh: jax.sharding.Mesh, t0: float,
   if info is not None:  # uniform runs keep the summary they always had
     summary["allocation"] = info
   _evaluate_baselines(run, inputs, summary)
+  # --distill's frozen dense model (a copy: training from it donates the loaded params), for both stages.
+  teacher = teacher_lib.make_teacher(inputs.loaded.graphdef, inputs.loaded.params, run.method.hyperparameters, mesh)
   if run.method.trained:
     pruned = _train(run, inputs, mesh, checkpointer, summary, stop_after=stop_after, progress=progress,
-                    allocation=allocation)
+                    allocation=allocation, teacher=teacher)
   else:
     pruned = _oneshot(run, inputs, run.method.name, summary, allocation)
   if pruned is not None and run.finetune_config is not None:
-    pruned = _finetune(run, inputs, mesh, pruned, summary, stop_after=stop_after, progress=progress)
+    pruned = _finetune(run, inputs, mesh, pruned, summary, stop_after=stop_after, progress=progress,
+                       teacher=teacher)
   if pruned is None:
     return summary
   _export_pruned(run, inputs, pruned, summary)

@@ -109,6 +109,11 @@ class Architecture:
     gguf_architecture: GGUF's ``general.architecture`` of this family (None:
       ``model_type``).
 
+  Distillation (:mod:`elsa_jax.run.teacher`):
+    apply_with_blocks: ``apply_with_blocks(graphdef, params, input_ids) ->
+      (logits, blocks)``, ``blocks [layers, B, T, hidden]`` every decoder
+      block's output (SquareHead's features); or None (no ``--squarehead``).
+
   Decoding (:mod:`elsa_jax.models.generate`):
     init_cache: ``init_cache(model, *, batch, length) -> None``: gives every
       attention module of ``model`` an empty :class:`elsa_jax.models.kv_cache.KVCache`
@@ -157,6 +162,7 @@ class Architecture:
   from_gguf: Callable[..., tuple[Any, Any]] | None = None
   gguf_architecture: str | None = None
   init_cache: Callable[..., None] | None = None
+  apply_with_blocks: Callable[..., tuple[jax.Array, jax.Array]] | None = None
 
   def __repr__(self) -> str:
     return f"Architecture(model_type={self.model_type!r}, model_class={self.model_class.__qualname__})"

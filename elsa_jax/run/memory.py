@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from elsa_jax import models
 from elsa_jax.models import abstract_model  # noqa: F401  (kept here: scripts/bench_memory.py uses it)
 from elsa_jax.run import sharding as sharding_lib
+from elsa_jax.run import teacher as teacher_lib
 from elsa_jax.run import train
 
 GiB = 2**30
@@ -92,7 +93,9 @@ def predict_memory(
   (:func:`elsa_jax.run.train.make_zu_step`), otherwise the step with the z/u update
   fused in. ``z_update=False`` gives the plain step alone, which does the same
   work as the others without the projection and dual update, and
-  ``z_update="program"`` the separate z/u program alone.
+  ``z_update="program"`` the separate z/u program alone. With ``cfg.distill > 0`` the step takes the
+  frozen teacher (in the compute dtype, the params' shardings) as an argument, so its bytes, and those
+  of its forward, are in the prediction (:mod:`elsa_jax.run.teacher`).
   """
   if z_update not in (True, False, "program"):
     raise ValueError(f"z_update must be True, False or 'program', got {z_update!r}.")
@@ -127,10 +130,13 @@ def predict_memory(
   if z_update == "program":
     return zu_program()
   fused = z_update and not separate_z_update
+  distill = teacher_lib.spec(cfg)
+  teacher = () if distill is None else (teacher_lib.abstract_teacher(params, cfg.compute_dtype),)
   step = measure(
-      train.make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype), z_update=fused),
-      (p_shard, s_shard, data_shard), (p_shard, s_shard, sharding_lib.replicated(mesh)), (0, 1),
-      params, state, batch,
+      train.make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype), z_update=fused,
+                            distill=distill),
+      (p_shard, s_shard, data_shard) + (p_shard,) * len(teacher), (p_shard, s_shard, sharding_lib.replicated(mesh)),
+      (0, 1), params, state, batch, *teacher,
   )
   if not (z_update and separate_z_update):
     return step

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import pathlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -47,8 +48,10 @@ from elsa_jax.lowp import adam as _low_precision
 from elsa_jax.optim import sam as _sam
 from elsa_jax.run import checkpoint as checkpoint_lib
 from elsa_jax.run import checks
+from elsa_jax.run import losses
 from elsa_jax.run.metrics_log import MetricsLogger
 from elsa_jax.run import sharding as sharding_lib
+from elsa_jax.run import teacher as teacher_lib
 from elsa_jax import models
 from elsa_jax.optim import masked as _masked
 from elsa_jax.sparsity import allocation as _allocation
@@ -70,7 +73,8 @@ CHOICES = {
 #: ``(field, low, high, closed)``: the field must be finite and in ``[low, high)``, or ``(low, high)``
 #: when not ``closed`` (a None bound is open).
 _BOUNDS = (("lr", 0.0, None, False), ("lmda", 0.0, None, True), ("b1", 0.0, 1.0, True), ("b2", 0.0, 1.0, True),
-           ("eps", 0.0, None, True), ("clip", 0.0, None, False), ("sam_rho", 0.0, None, True))
+           ("eps", 0.0, None, True), ("clip", 0.0, None, False), ("sam_rho", 0.0, None, True),
+           ("distill_temp", 0.0, None, False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +108,11 @@ class ElsaConfig:
   owl_lambda: float = _allocation.OWL_LAMBDA  # OWL's half-width of the layer sparsities
   global_min: float | None = None  # global: a matrix's least sparsity (None: _allocation.global_bounds')
   global_max: float | None = None  # global: a matrix's most sparsity
+  # Distillation from the dense model (elsa_jax.run.teacher): the x-update's loss is
+  # (1 - distill) CE + distill (distill_temp^2 KL(teacher_T || student_T) [+ SquareHead, with squarehead]).
+  distill: float = 0.0  # a in [0, 1]; 0: the CE alone, no teacher
+  distill_temp: float = 1.0  # T > 0, the softmax temperature of both models
+  squarehead: bool = False  # add SquareHead's per-block feature loss to the distillation term (needs distill > 0)
 
   def __post_init__(self):
     if not 0.0 <= self.sparsity < 1.0:
@@ -115,6 +124,7 @@ class ElsaConfig:
       checks.check_bound(name, getattr(self, name), low, high, closed)
     for name, choices in CHOICES.items():
       checks.check_choice(name, getattr(self, name), choices)
+    _check_distill(self.distill, self.squarehead)
     try:
       pattern = patterns.parse(self.pattern)
     except ValueError as err:
@@ -137,6 +147,16 @@ class ElsaConfig:
   @property
   def tokens_per_step(self) -> int:
     return self.batch_size * self.grad_accum * self.seqlen
+
+
+def _check_distill(distill: float, squarehead: bool) -> None:
+  """Refuses a ``--distill`` outside ``[0, 1]``, and ``--squarehead`` without distillation."""
+  if not (isinstance(distill, numbers.Real) and 0.0 <= distill <= 1.0):  # NaN too
+    raise ValueError(f"--distill must lie in [0, 1], got {distill}; it is the weight a of the distillation term "
+                     f"in (1 - a) CE + a T^2 KL.")
+  if squarehead and distill == 0:
+    raise ValueError("--squarehead adds its per-block loss to the distillation term, which --distill 0 turns off; "
+                     "give --distill A with A in (0, 1], e.g. 0.5.")
 
 
 def pattern_sparsity(cfg: ElsaConfig) -> float:
@@ -195,11 +215,7 @@ def make_finetune_optimizer(cfg: ElsaConfig, prunable=None) -> optax.GradientTra
   return _masked.keep_mask(optax.chain(optax.clip_by_global_norm(cfg.clip), _base_adam(cfg)), prunable=prunable)
 
 
-def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-  """Mean cross-entropy of ``logits[:, t]`` against ``tokens[:, t + 1]``."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), tokens[:, 1:]
-  ).mean()
+next_token_loss = losses.next_token_loss  # re-exported: it lived here
 
 
 def make_loss_fn(graphdef: Any, compute_dtype: jnp.dtype) -> Callable[[Any, jax.Array], jax.Array]:
@@ -210,9 +226,7 @@ def make_loss_fn(graphdef: Any, compute_dtype: jnp.dtype) -> Callable[[Any, jax.
   apply = models.architecture_of(graphdef).apply
 
   def loss_fn(params, tokens):
-    cparams = jax.tree.map(
-        lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
-    )
+    cparams = teacher_lib.cast_floating(params, compute_dtype)
     logits = apply(graphdef, cparams, tokens[:, :-1])
     return next_token_loss(logits, tokens)
 
@@ -226,7 +240,8 @@ def make_train_step(
     compute_dtype: jnp.dtype = jnp.bfloat16,
     sam_rho: float = 0.0,
     z_update: bool | None = None,
-) -> Callable[[Any, Any, jax.Array], tuple[Any, Any, dict[str, jax.Array]]]:
+    distill: teacher_lib.DistillSpec | None = None,
+) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
   """Returns ``step(params, opt_state, batch[accum, B, T+1]) -> (params, opt_state, metrics)``.
 
   Gradients are averaged over the ``accum`` micro-batches with a ``lax.scan``
@@ -235,31 +250,49 @@ def make_train_step(
   ``z_update`` (True or False) is passed to :func:`elsa_jax.admm` as its static
   extra argument: build one step with each and call the first when
   ``step % interval == 0`` (None keeps the on-device conditional).
+  ``distill`` (:func:`elsa_jax.run.teacher.spec`): the step is then
+  ``step(params, opt_state, batch, teacher)`` and minimises the distillation loss
+  (:func:`elsa_jax.run.teacher.distill_grad_fn`); its metrics add the loss's terms.
   """
-  loss_fn = make_loss_fn(graphdef, compute_dtype)
-  grad_fn = jax.value_and_grad(loss_fn)
-  if sam_rho > 0:
-    grad_fn = _sam.sam_gradient(grad_fn, sam_rho)
+  grad_fn = _grad_fn(graphdef, compute_dtype, sam_rho, distill)
+  names = teacher_lib.metric_names(distill)
 
-  def step(params, opt_state, batch):
+  def step(params, opt_state, batch, *teacher):
     def micro(carry, tokens):
-      loss_sum, grad_sum = carry
-      loss, grads = grad_fn(params, tokens)
-      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+      sums, grad_sum = carry
+      values, grads = grad_fn(params, tokens, *teacher)
+      return (jax.tree.map(jnp.add, sums, values), jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batch)
+    sums = {name: jnp.zeros((), jnp.float32) for name in names}
+    (sums, grad_sum), _ = jax.lax.scan(micro, (sums, zeros), batch)
     n = batch.shape[0]
     grads = jax.tree.map(lambda g: g / n, grad_sum)
     extra = {} if z_update is None else {"z_update": z_update}
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads)}
+    metrics = {**{name: total / n for name, total in sums.items()}, "grad_norm": optax.tree.norm(grads)}
     if _admm.find_admm_state(opt_state) is not None:
       metrics.update(finalize_lib.admm_metrics(opt_state)._asdict())
     return params, opt_state, metrics
 
   return step
+
+
+def _grad_fn(graphdef: Any, compute_dtype: jnp.dtype, sam_rho: float, distill: teacher_lib.DistillSpec | None
+             ) -> Callable[..., tuple[dict[str, jax.Array], Any]]:
+  """``grad_fn(params, tokens[, teacher]) -> ({"loss": ...}, grads)``, one micro-batch's (:func:`make_train_step`)."""
+  if distill is not None:
+    return teacher_lib.distill_grad_fn(graphdef, compute_dtype, distill, sam_rho)
+  value_and_grad = jax.value_and_grad(make_loss_fn(graphdef, compute_dtype))
+  if sam_rho > 0:
+    value_and_grad = _sam.sam_gradient(value_and_grad, sam_rho)
+
+  def grad_fn(params, tokens):
+    loss, grads = value_and_grad(params, tokens)
+    return {"loss": loss}, grads
+
+  return grad_fn
 
 
 def make_zu_step(tx: optax.GradientTransformation) -> Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]:
@@ -340,6 +373,7 @@ class StepPrograms(NamedTuple):
   steps: dict[bool, Any]  # z_update -> the compiled train step
   zu: Any | None  # the separate z/u program (:func:`make_zu_step`), or None
   interval: int  # 0: no z/u update (a state without ADMM)
+  teacher: tuple = ()  # the train step's frozen last arguments: (teacher params,) with distillation, else ()
 
 
 def compile_programs(
@@ -353,6 +387,7 @@ def compile_programs(
     *,
     steps: range,
     separate_z_update: bool = True,
+    teacher: Any = None,
 ) -> StepPrograms:
   """Compiles, before any step runs, the programs that ``steps`` need.
 
@@ -360,8 +395,14 @@ def compile_programs(
   separate z/u program) are picked on the host by :func:`run_step` (a
   ``lax.cond`` on the device would copy z and u through it at every step).
   Params and state are donated; the batch is ``[grad_accum, batch_size, seqlen + 1]``
-  in :func:`elsa_jax.run.sharding.batch_sharding`.
+  in :func:`elsa_jax.run.sharding.batch_sharding`. ``teacher``: the frozen teacher
+  params of a run that distils (:func:`elsa_jax.run.teacher.place_teacher`, the
+  params' shardings), required then and refused otherwise; the steps take it last.
   """
+  distill = teacher_lib.spec(cfg)
+  if (distill is None) != (teacher is None):
+    raise ValueError(f"--distill {cfg.distill} {'needs' if teacher is None else 'takes no'} teacher params.")
+  extra = () if teacher is None else (teacher,)
   p_shard, s_shard = shardings
   data_shard = sharding_lib.batch_sharding(mesh)
   batch_spec = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size, cfg.seqlen + 1), jnp.int32,
@@ -372,11 +413,11 @@ def compile_programs(
   for due in sorted({due and not separate_z_update for due in dues}):
     step_fns[due] = jax.jit(
         make_train_step(graphdef, tx, compute_dtype=jnp.dtype(cfg.compute_dtype), sam_rho=cfg.sam_rho,
-                        z_update=due),
-        in_shardings=(p_shard, s_shard, data_shard),
+                        z_update=due, distill=distill),
+        in_shardings=(p_shard, s_shard, data_shard) + (p_shard,) * len(extra),
         out_shardings=(p_shard, s_shard, sharding_lib.replicated(mesh)),
         donate_argnums=(0, 1),
-    ).lower(params, opt_state, batch_spec).compile()
+    ).lower(params, opt_state, batch_spec, *extra).compile()
   zu_fn = None
   if separate_z_update and True in dues:
     zu_fn = jax.jit(
@@ -385,14 +426,15 @@ def compile_programs(
         out_shardings=(s_shard, sharding_lib.replicated(mesh)),
         donate_argnums=(1,),
     ).lower(params, opt_state).compile()
-  return StepPrograms(step_fns, zu_fn, cfg.interval if admm else 0)
+  return StepPrograms(step_fns, zu_fn, cfg.interval if admm else 0, extra)
 
 
 def run_step(programs: StepPrograms, step: int, params: Any, opt_state: Any,
              batch: jax.Array) -> tuple[Any, Any, dict[str, jax.Array]]:
   """Optimizer step ``step`` (0-based): the train step, then the z/u program where it is due."""
   due = bool(programs.interval) and step % programs.interval == 0
-  params, opt_state, metrics = programs.steps[due and programs.zu is None](params, opt_state, batch)
+  params, opt_state, metrics = programs.steps[due and programs.zu is None](params, opt_state, batch,
+                                                                          *programs.teacher)
   if due and programs.zu is not None:
     opt_state, zu_metrics = programs.zu(params, opt_state)
     metrics = {**metrics, **zu_metrics}
@@ -457,6 +499,18 @@ def _train_loop(programs: StepPrograms, params: Any, opt_state: Any, batches: Ca
   return params, opt_state
 
 
+def _frozen_teacher(cfg: ElsaConfig, params: Any, teacher: Any, logical_axes: Any, mesh: jax.sharding.Mesh,
+                    rules: dict[str, str | None]) -> Any:
+  """The teacher of :func:`run` on the mesh in the compute dtype (None without distillation); a copy of
+  ``params`` when ``teacher`` is None, made before the params are placed and donated."""
+  if teacher_lib.spec(cfg) is None:
+    return None
+  shardings = sharding_lib.param_shardings(logical_axes, params, mesh, rules)
+  if teacher is None:
+    return teacher_lib.copy_teacher(params, shardings, cfg.compute_dtype)
+  return teacher_lib.place_teacher(teacher, shardings, cfg.compute_dtype)
+
+
 def run(
     graphdef: Any,
     params: Any,
@@ -475,6 +529,7 @@ def run(
     separate_z_update: bool = True,
     sparsity: Any = None,
     tx: optax.GradientTransformation | None = None,
+    teacher: Any = None,
 ) -> RunResult:
   """Runs (or resumes) ELSA for ``cfg.steps`` optimizer steps.
 
@@ -501,6 +556,10 @@ def run(
     sparsity: per-matrix sparsities in place of ``cfg.sparsity`` (:func:`make_optimizer`).
     tx: the optimizer, in place of :func:`make_optimizer`'s (e.g.
       :func:`make_finetune_optimizer`: a state without ADMM has no z/u update).
+    teacher: the frozen teacher of ``cfg.distill > 0`` (:mod:`elsa_jax.run.teacher`), e.g. the dense
+      model from :func:`elsa_jax.run.teacher.make_teacher`, kept as it is where it already is in the
+      compute dtype and the params' shardings; None: a copy of ``params`` (the starting point, not a
+      checkpoint resumed from). Ignored without distillation.
 
   Returns:
     A :class:`RunResult` with the final params and optimizer state.
@@ -512,6 +571,7 @@ def run(
   rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
   sharding_lib.fits_mesh(cfg.batch_size, mesh)
   tx = make_optimizer(cfg, fixed_score, sparsity) if tx is None else tx
+  teacher = _frozen_teacher(cfg, params, teacher, logical_axes, mesh, rules)
   params, opt_state, shardings = _place_state(tx, params, logical_axes, mesh, rules)
   start = 0
   if checkpointer is not None:
@@ -522,7 +582,7 @@ def run(
   end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
   steps = range(start, end)
   programs = compile_programs(graphdef, tx, cfg, params, opt_state, shardings, mesh, steps=steps,
-                              separate_z_update=separate_z_update)
+                              separate_z_update=separate_z_update, teacher=teacher)
   metrics_log = MetricsLogger(cfg, metrics_path, progress=progress, start=start)
   try:
     params, opt_state = _train_loop(programs, params, opt_state, batches, steps=steps, cfg=cfg, mesh=mesh,

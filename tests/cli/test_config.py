@@ -66,6 +66,11 @@ def test_flags_override_the_preset_and_only_the_flags_given():
     (["--eval-tasks", "boolq", "--num-fewshot", "-1"], "--num-fewshot"),
     (["--eval-tasks", "boolq", "--task-batch-size", "0"], "--task-batch-size"),
     (["--limit", "5"], "--limit"),
+    (["--distill", "1.5"], "--distill"),
+    (["--distill", "nan"], "--distill"),
+    (["--distill", "0.5", "--distill-temp", "0"], "--distill-temp"),
+    (["--squarehead"], "--squarehead"),
+    (["--method", "wanda", "--distill", "0.5"], "--distill"),
 ])
 def test_a_bad_value_in_each_section_is_refused_naming_its_flag(flags, flag, capsys, tmp_path):
   with pytest.raises(ValueError, match=flag):

@@ -38,7 +38,7 @@ from elsa_jax.sparsity.prunable import path_names
 from elsa_jax.models.llama.config import LlamaConfig
 from elsa_jax.models.llama.convert import from_pretrained, pretrained_loader, save_pretrained
 from elsa_jax.models.llama.gguf import config_from_gguf, from_gguf
-from elsa_jax.models.llama.model import Llama, apply, init_cache, logical_axes
+from elsa_jax.models.llama.model import Llama, apply, apply_with_blocks, init_cache, logical_axes
 
 #: Which captured input (:meth:`LlamaDecoderLayer.with_linear_inputs`) each linear map of a decoder layer reads.
 LINEAR_INPUTS = {
@@ -128,4 +128,5 @@ ARCHITECTURE = Architecture(
     config_from_gguf=config_from_gguf,
     from_gguf=from_gguf,
     init_cache=init_cache,
+    apply_with_blocks=apply_with_blocks,
 )

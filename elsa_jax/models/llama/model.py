@@ -260,36 +260,50 @@ class Llama(nnx.Module):
     table = self.embed_tokens.embedding[...]
     return embed_tokens(table, input_ids, self.dtype or table.dtype, self.config.embed_scale)
 
-  def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-    """The final normalised hidden states ``[B, T, hidden]``."""
+  def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None, *, blocks: bool = False
+                    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The final normalised hidden states ``[B, T, hidden]``.
+
+    With ``blocks``, ``(hidden states, outputs)``: ``outputs [layers, B, T, hidden]`` is every decoder
+    block's output (the residual stream after the block, before the final norm), e.g. for SquareHead
+    distillation (:func:`elsa_jax.run.losses.squarehead_loss`).
+    """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     x = self.embed(input_ids)
+    outputs = [] if blocks else None
     if getattr(self, "scan_layers", False) and len(self.layers) > 1:
-      return self.norm(self._scanned_layers(x, positions))
-    return self.norm(self._unrolled_layers(list(self.layers), x, positions))
+      x = self._scanned_layers(x, positions, outputs)
+    else:
+      x = self._unrolled_layers(list(self.layers), x, positions, outputs)
+    return (self.norm(x), jnp.concatenate(outputs)) if blocks else self.norm(x)
 
-  def _unrolled_layers(self, layers: list, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def _unrolled_layers(self, layers: list, x: jax.Array, positions: jax.Array, outputs: list | None = None
+                       ) -> jax.Array:
+    """``layers`` in turn on ``x``; each one's output ``[1, B, T, hidden]`` appended to ``outputs`` if given."""
     for layer in layers:
       if self.remat:
         x = nnx.remat(lambda mdl, h, p: mdl(h, p), policy=remat_policy(self.remat))(layer, x, positions)
       else:
         x = layer(x, positions)
+      if outputs is not None:
+        outputs.append(x[None])
     return x
 
-  def _scanned_layers(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def _scanned_layers(self, x: jax.Array, positions: jax.Array, outputs: list | None = None) -> jax.Array:
     """The decoder layers as one ``lax.scan`` over their stacked weights.
 
     Layers that differ (alternating local and global attention) are scanned in
     groups of one period of the pattern (:func:`layer_period`); the layers past
-    the last whole group run unrolled after the scan.
+    the last whole group run unrolled after the scan. ``outputs``: as
+    :meth:`_unrolled_layers`'s (the scan's outputs, in layer order).
     """
     splits = [nnx.split(layer) for layer in self.layers]
     graphdefs = [graphdef for graphdef, _ in splits]
     period = layer_period(graphdefs)
     groups = len(splits) // period
     if groups < 2:
-      return self._unrolled_layers(list(self.layers), x, positions)
+      return self._unrolled_layers(list(self.layers), x, positions, outputs)
     scanned = groups * period
     stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in splits[j:scanned:period]))
                for j in range(period)]
@@ -301,16 +315,23 @@ class Llama(nnx.Module):
     steps = [step(graphdef) for graphdef in graphdefs[:period]]
 
     def body(h, group):
+      hs = []
       for fn, state in zip(steps, group):
         h = fn(h, state)
-      return h, None
+        hs.append(h)
+      return h, None if outputs is None else jnp.stack(hs)
 
-    x, _ = jax.lax.scan(body, x, stacked)
-    return self._unrolled_layers(list(self.layers)[scanned:], x, positions)
+    x, ys = jax.lax.scan(body, x, stacked)
+    if outputs is not None:
+      outputs.append(ys.reshape(-1, *x.shape))  # [groups, period, ...] -> [groups * period, ...]
+    return self._unrolled_layers(list(self.layers)[scanned:], x, positions, outputs)
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
     """Next-token logits ``[B, T, vocab]`` in float32 (soft-capped by the config's ``logit_softcap``)."""
-    h = self.hidden_states(input_ids, positions)
+    return self.logits(self.hidden_states(input_ids, positions))
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """The LM head on final hidden states ``h``: logits in float32, soft-capped by the config's ``logit_softcap``."""
     if self.lm_head is None:
       logits = h @ self.embed_tokens.embedding[...].astype(h.dtype).T
     else:
@@ -337,6 +358,14 @@ Llama.__init__ = _with_lazy_sharding(Llama.__init__)
 def apply(graphdef: Any, params: dict, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
   """Logits of the model ``merge(graphdef, params)``: a pure function for jit/grad."""
   return merge(graphdef, params)(input_ids, positions)
+
+
+def apply_with_blocks(graphdef: Any, params: dict, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(logits, block outputs [layers, B, T, hidden])`` of ``merge(graphdef, params)`` (see
+  :meth:`Llama.hidden_states`): a pure function for jit/grad."""
+  model = merge(graphdef, params)
+  h, blocks = model.hidden_states(input_ids, blocks=True)
+  return model.logits(h), blocks
 
 
 def init_cache(model: Llama, *, batch: int, length: int) -> None:
