@@ -53,6 +53,7 @@ class Case:
   values: tuple[float, float]
   static_args: tuple[str, ...] = ()
   params_fields: tuple[str, ...] = ("mu", "nu")
+  int8: bool = False  # int8 moments (see assert_close_up_to_int8_rounding)
 
   @property
   def is_admm(self) -> bool:
@@ -93,7 +94,7 @@ CASES = {
         elsa_jax.admm,
         dict(base=elsa_jax.adam_lowp(LR, b2=0.95, moment_dtype="int8"), sparsity=SPARSITY, interval=2,
              state_dtype="float8_e4m3fn"),
-        "lmda", (0.05, 0.5), params_fields=_ADMM_FIELDS + ("mu_scale", "nu_scale"),
+        "lmda", (0.05, 0.5), params_fields=_ADMM_FIELDS + ("mu_scale", "nu_scale"), int8=True,
     ),
     "elsa_global": Case(
         elsa_jax.admm,
@@ -107,7 +108,7 @@ CASES = {
     ),
     "adam_lowp_int8": Case(
         elsa_jax.adam_lowp, dict(moment_dtype="int8", **_BETAS), "learning_rate", (LR, 3 * LR),
-        params_fields=_LOWP_FIELDS,
+        params_fields=_LOWP_FIELDS, int8=True,
     ),
     "adam_lowp_bf16": Case(
         elsa_jax.adam_lowp, dict(moment_dtype="bfloat16", **_BETAS), "learning_rate", (LR, 3 * LR),
@@ -115,7 +116,7 @@ CASES = {
     ),
     "scale_by_adam_lowp": Case(
         elsa_jax.scale_by_adam_lowp, dict(moment_dtype="int8", b2=_BETAS["b2"]), "b1", (0.875, 0.5),
-        params_fields=_LOWP_FIELDS,
+        params_fields=_LOWP_FIELDS, int8=True,
     ),
 }
 
@@ -247,6 +248,23 @@ def test_minimises_a_quadratic(name, rng):
         assert zero.sum() == round(SPARSITY * z.size)
 
 
+def assert_close_up_to_int8_rounding(a, b, case: Case) -> None:
+  """``a`` and ``b`` within the case's tolerance; with 8-bit moments, up to 1% of each leaf's entries may
+  be one quantum apart instead: two programs (MultiSteps' and the plain step) may round a last bit
+  differently, and a moment sitting on a rounding boundary then lands one int8 step away (an element of
+  the next param update about 1% of lr away)."""
+  if not case.int8:
+    chex.assert_trees_all_close(a, b, **case.tolerance)
+    return
+  chex.assert_trees_all_equal_structs(a, b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    quantum = 1.0 if np.issubdtype(np.asarray(x).dtype, np.integer) else 0.05 * LR
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    off = np.abs(x - y) > case.tolerance["atol"] + case.tolerance["rtol"] * np.abs(y)
+    assert off.sum() <= 0.01 * x.size, (off.sum(), x.size)
+    assert np.all(np.abs(x - y)[off] <= np.maximum(quantum, 0.05 * np.abs(y[off]))), (x[off], y[off])
+
+
 @battery
 def test_multisteps_equals_one_step_on_the_mean(name, rng):
   """k micro-steps under MultiSteps = one plain step on the mean gradient; inner counts once per k.
@@ -272,8 +290,8 @@ def test_multisteps_equals_one_step_on_the_mean(name, rng):
       assert counts(s_a.inner_opt_state) == [t + (j == k - 1)] * len(counts(s_a.inner_opt_state))
     means.append(jax.tree.map(lambda *g: sum(g) / k, *micro))
   p_b, s_b = run(tx, params, means, update=jitted_update(name))
-  chex.assert_trees_all_close(p_a, p_b, **CASES[name].tolerance)
-  chex.assert_trees_all_close(s_a.inner_opt_state, s_b, **CASES[name].tolerance)
+  assert_close_up_to_int8_rounding(p_a, p_b, CASES[name])
+  assert_close_up_to_int8_rounding(s_a.inner_opt_state, s_b, CASES[name])
   assert int(s_a.gradient_step) == outer and counts(s_b) and counts(s_b) == [outer] * len(counts(s_b))
 
 
