@@ -74,6 +74,7 @@ from elsa_jax.oneshot.wanda import wanda_score
 
 # Public subpackages, reachable as attributes (``elsa_jax.models.from_pretrained``), bottom layer first.
 from elsa_jax import files
+from elsa_jax import hosts
 from elsa_jax import lowp
 from elsa_jax import sparsity
 from elsa_jax import optim

@@ -107,7 +107,7 @@ def main() -> None:
       config_lib.PRESETS["cpu"], model={"path": args.model},
       elsa={"steps": args.steps, "batch_size": args.batch_size, "seqlen": args.seqlen, "lr": args.lr,
             "interval": args.interval},
-      data={"calib_windows": args.calib_windows},
+      data={"calib_windows": args.calib_windows}, method={"levers": ()},  # the paper's ELSA, each lever by its row
       evaluation={"windows": args.eval_windows, "seqlen": args.eval_seqlen, "compare_magnitude": False},
       output={"overwrite": True, "checkpoint_every": 0})
   out_dir = pathlib.Path(args.out_dir)

@@ -54,6 +54,7 @@ from elsa_jax.data import fingerprint
 from elsa_jax.oneshot import registry as oneshot_registry
 from elsa_jax.run import train
 from elsa_jax.run.loading import DEFAULT_MODEL
+from elsa_jax.sparsity import patterns
 
 DEFAULT_TEXT = "default"
 #: Pruning methods: the ADMM family (trained on the model's loss) and the
@@ -64,6 +65,12 @@ METHODS = ADMM_METHODS + oneshot_registry.ONESHOT_METHODS
 INIT_METHODS = ("dense",) + oneshot_registry.ONESHOT_METHODS
 #: SAFE's SAM radius when ``--sam-rho`` is not given.
 SAFE_RHO = 0.05
+#: ``--method elsa``'s settings beyond the paper, chosen by measurement (BENCHMARKS.md, "Quality levers":
+#: each won at 70% and at 90% sparsity on the same tokens): distillation from the dense model
+#: (``--distill 0.5``) and OWL's per-layer sparsity (``--allocation owl``). The ``cpu`` and ``full``
+#: presets apply them where their flag is not given (``--distill 0 --allocation uniform`` is the paper's
+#: ELSA, as is the ``paper`` preset); the baselines run as published.
+ELSA_LEVERS = (("distill", 0.5), ("allocation", "owl"))
 
 
 def method_config(cfg: train.ElsaConfig, method: str) -> train.ElsaConfig:
@@ -75,6 +82,18 @@ def method_config(cfg: train.ElsaConfig, method: str) -> train.ElsaConfig:
     return dataclasses.replace(cfg, projection="objective_aware", score_source="activations",
                                sam_rho=cfg.sam_rho or SAFE_RHO)
   return cfg
+
+
+def with_levers(cfg: train.ElsaConfig, levers: tuple[tuple[str, Any], ...]) -> train.ElsaConfig:
+  """``cfg`` with the ``levers`` (``(field, value)`` pairs, e.g. :data:`ELSA_LEVERS`) that it can take:
+  OWL only where its layer range fits (``--sparsity -+ --owl-lambda`` inside ``[0, 1)``) and the
+  pattern leaves the counts free (not N:M); elsewhere the allocation stays as it is."""
+  take = dict(levers)
+  if take.get("allocation") == "owl":
+    free = patterns.parse(cfg.pattern).n_m is None
+    if not (free and 0.0 <= cfg.sparsity - cfg.owl_lambda and cfg.sparsity + cfg.owl_lambda < 1.0):
+      del take["allocation"]
+  return dataclasses.replace(cfg, **take) if take else cfg
 
 
 def positive(flag: str, value: int | None, *, allow_none: bool = False, allow_zero: bool = False) -> None:
@@ -159,6 +178,8 @@ class MethodSpec:
       surviving weights with the mask frozen, on the next-token loss (distilled from the dense model
       with ``--distill``, as the method's), ``batch_size x seqlen`` tokens a step.
     finetune_lr: ``--finetune-lr``: its learning rate (linear decay to 0).
+    levers: the preset's settings for ``--method elsa`` whose flags were not given (:data:`ELSA_LEVERS`),
+      applied by :attr:`hyperparameters` (to ELSA and its masked recovery, not to the baselines).
   """
 
   name: str = "elsa"
@@ -167,6 +188,7 @@ class MethodSpec:
   elsa: train.ElsaConfig = train.ElsaConfig()
   finetune_steps: int = 0
   finetune_lr: float = 1e-4
+  levers: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
     if self.name not in METHODS:
@@ -184,6 +206,7 @@ class MethodSpec:
                        f"use it with {', '.join(ADMM_METHODS)} or with --finetune-steps N (the masked recovery).")
     if not self.finetune_lr > 0:
       raise ValueError(f"--finetune-lr must be positive, got {self.finetune_lr}.")
+    self.hyperparameters  # pylint: disable=pointless-statement  (validates the levers' result now)
 
   @property
   def trained(self) -> bool:
@@ -192,8 +215,11 @@ class MethodSpec:
 
   @functools.cached_property
   def hyperparameters(self) -> train.ElsaConfig:
-    """The ElsaConfig the method runs with: SAFE's and SAFE+'s settings applied (:func:`method_config`)."""
-    return method_config(self.elsa, self.name) if self.trained else self.elsa
+    """The ElsaConfig the method runs with: ELSA's :attr:`levers` or SAFE's and SAFE+'s settings applied
+    (:func:`with_levers`, :func:`method_config`)."""
+    if not self.trained:
+      return self.elsa
+    return method_config(with_levers(self.elsa, self.levers) if self.name == "elsa" else self.elsa, self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,20 +373,25 @@ def override(run: RunConfig, *, elsa: Mapping[str, Any] | None = None,
   sections = {name: dict(fields) for name, fields in sections.items() if fields}
   if elsa:
     method = sections.setdefault("method", {})
+    levers = dict(method.get("levers", run.method.levers))
+    if elsa.get("squarehead") and "distill" not in elsa and "distill" in levers:
+      elsa = {**elsa, "distill": levers["distill"]}  # SquareHead joins the distillation the preset turns on
     method["elsa"] = dataclasses.replace(method.get("elsa", run.method.elsa), **elsa)
+    method["levers"] = tuple((k, v) for k, v in levers.items() if k not in elsa)
   return dataclasses.replace(run, **{name: dataclasses.replace(getattr(run, name), **fields)
                                      for name, fields in sections.items()})
 
 
-def _preset(*, elsa: dict[str, Any], evaluation: dict[str, Any], calib_windows: int = 128) -> RunConfig:
-  return RunConfig(method=MethodSpec(elsa=train.ElsaConfig(**elsa)), data=DataSpec(calib_windows=calib_windows),
-                   evaluation=EvalSpec(**evaluation))
+def _preset(*, elsa: dict[str, Any], evaluation: dict[str, Any], calib_windows: int = 128,
+            levers: tuple[tuple[str, Any], ...] = ELSA_LEVERS) -> RunConfig:
+  return RunConfig(method=MethodSpec(elsa=train.ElsaConfig(**elsa), levers=levers),
+                   data=DataSpec(calib_windows=calib_windows), evaluation=EvalSpec(**evaluation))
 
 
 #: Presets. ``cpu``: the short run that fits ~10 minutes on a 2-core CPU.
 #: ``full``: the budget of the measured prototype (1024 x 8 x 1024 tokens) for
-#: one GPU. ``paper``: the authors' LLaMA-2-7B recipe (4096 x 8 x 2048, lr 2e-4,
-#: Adam's own second moment as the score).
+#: one GPU; both with :data:`ELSA_LEVERS`. ``paper``: the authors' LLaMA-2-7B recipe (4096 x 8 x 2048,
+#: lr 2e-4, Adam's own second moment as the score), without them.
 PRESETS: dict[str, RunConfig] = {
     "cpu": _preset(elsa=dict(steps=16, batch_size=2, seqlen=256, interval=4, lr=1e-3, compute_dtype="float32"),
                    evaluation=dict(seqlen=512, windows=8), calib_windows=32),
@@ -368,7 +399,7 @@ PRESETS: dict[str, RunConfig] = {
                     evaluation=dict(seqlen=1024, windows=0)),
     "paper": _preset(elsa=dict(steps=4096, batch_size=8, seqlen=2048, interval=32, lr=2e-4,
                                score_source="base_second_moment"),
-                     evaluation=dict(seqlen=2048, windows=0)),
+                     evaluation=dict(seqlen=2048, windows=0), levers=()),
 }
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from elsa_jax import hosts
 from elsa_jax import models
 from elsa_jax.oneshot import walk
 from elsa_jax.oneshot import wanda
@@ -74,8 +75,8 @@ def owl_sparsities(graphdef: Any, params: Any, windows: np.ndarray, *, target: f
   stats = walk.calibration_statistics(graphdef, params, windows, batch_size=batch_size)
   ratios = []
   for layer, layer_stats in zip(layers, stats):
-    scores = [np.asarray(wanda.wanda_score(walk.get_path(layer, path)["kernel"],
-                                           wanda.activation_norms(layer_stats[key])))
+    scores = [hosts.host_array(wanda.wanda_score(walk.get_path(layer, path)["kernel"],
+                                                wanda.activation_norms(layer_stats[key])))
               for path, key in arch.linear_inputs.items()]
     ratios.append(allocation.outlier_ratio(scores, m))
   layer_s = allocation.owl_from_ratios(ratios, target, lmda)

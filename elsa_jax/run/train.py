@@ -52,6 +52,7 @@ from elsa_jax.run import losses
 from elsa_jax.run.metrics_log import MetricsLogger
 from elsa_jax.run import sharding as sharding_lib
 from elsa_jax.run import teacher as teacher_lib
+from elsa_jax import hosts
 from elsa_jax import models
 from elsa_jax.optim import masked as _masked
 from elsa_jax.sparsity import allocation as _allocation
@@ -464,15 +465,6 @@ def saves_at(checkpointer: checkpoint_lib.RunCheckpointer | None, done: int, tot
   return checkpointer is not None and (checkpointer.should_save(done, total) or done == end)
 
 
-def gather_to_hosts(tree: Any) -> Any:
-  """``tree`` as host copies that every process holds whole (the tree itself in a single-process run)."""
-  if jax.process_count() == 1:
-    return tree
-  from jax.experimental import multihost_utils
-
-  return multihost_utils.process_allgather(tree, tiled=True)
-
-
 def _train_loop(programs: StepPrograms, params: Any, opt_state: Any, batches: Callable[[int], np.ndarray], *,
                 steps: range, cfg: ElsaConfig, mesh: jax.sharding.Mesh, metrics_log: MetricsLogger,
                 checkpointer: checkpoint_lib.RunCheckpointer | None, log_every: int) -> tuple[Any, Any]:
@@ -596,5 +588,5 @@ def run(
     metrics_log.close()
     if checkpointer is not None:
       checkpointer.wait()
-  params, opt_state = gather_to_hosts(params), gather_to_hosts(opt_state)
+  params, opt_state = hosts.gather_to_hosts(params), hosts.gather_to_hosts(opt_state)
   return RunResult(params, opt_state, end, end - start, metrics_log.history, metrics_log.tokens_per_second)

@@ -69,7 +69,8 @@ def test_flags_override_the_preset_and_only_the_flags_given():
     (["--distill", "1.5"], "--distill"),
     (["--distill", "nan"], "--distill"),
     (["--distill", "0.5", "--distill-temp", "0"], "--distill-temp"),
-    (["--squarehead"], "--squarehead"),
+    (["--distill", "0", "--squarehead"], "--squarehead"),
+    (["--preset", "paper", "--squarehead"], "--squarehead"),
     (["--method", "wanda", "--distill", "0.5"], "--distill"),
 ])
 def test_a_bad_value_in_each_section_is_refused_naming_its_flag(flags, flag, capsys, tmp_path):
@@ -111,15 +112,18 @@ _PAPER_SAFE_FLAGS = ["--preset", "paper", "--method", "safe", "--sam-rho", "0.1"
                      "--grad-accum", "2", "--score-dtype", "int8", "--moment-dtype", "int8", "--seed", "5", "--b1",
                      "0.8", "--lmda-schedule", "residual_balancing", "--calib-seqlen", "0",
                      "--text-field", "body", "--output", "X"]
+PAPER_ELSA = ["--distill", "0", "--allocation", "uniform"]  # the levers off: the run config of the paper's ELSA
+LEVERS = {"allocation": "owl", "distill": 0.5}
 _BASE = ["--model", "M", "--calib", "C", "--eval-text", "E", "--seqlen", "32", "--batch-size", "2", "--eval-seqlen",
          "32", "--compute-dtype", "float32", "--preset", "cpu", "--mesh", "1x1"]
 OLD_RUN_CONFIGS = [
-    (["--model", "M", "--calib", "C", "--eval-text", "E", *CLI_FLAGS], _CPU_32),
+    (["--model", "M", "--calib", "C", "--eval-text", "E", *CLI_FLAGS, *PAPER_ELSA], _CPU_32),
+    # ELSA's levers (config.ELSA_LEVERS) are recorded, the newer fields, after the old ones.
     ([], {**_CPU_32, "model": "default", "calib": "default", "interval": 4, "oneshot_seqlen": 256, "seqlen": 256,
-          "steps": 16}),
+          "steps": 16, **LEVERS}),
     (["--preset", "full"], {**_CPU_32, "model": "default", "calib": "default", "batch_size": 8,
                             "compute_dtype": "bfloat16", "interval": 32, "oneshot_seqlen": 1024,
-                            "oneshot_windows": 128, "seqlen": 1024, "steps": 1024}),
+                            "oneshot_windows": 128, "seqlen": 1024, "steps": 1024, **LEVERS}),
     (_PAPER_SAFE_FLAGS, {**_CPU_32, "model": "default", "calib": "default", "b1": 0.8, "batch_size": 8,
                          "compute_dtype": "bfloat16", "grad_accum": 2, "interval": 32,
                          "lmda_schedule": "residual_balancing", "lr": 0.0002, "method": "safe",
@@ -134,7 +138,8 @@ OLD_RUN_CONFIGS = [
               "--calib-seqlen", "16", "--state-dtype", "bfloat16"],
      {**_CPU_32, "init_method": "magnitude", "interval": 4, "method": "safe", "oneshot_seqlen": 16,
       "pattern": "2:4", "projection": "magnitude", "sam_rho": 0.05, "state_dtype": "bfloat16", "steps": 2}),
-    (_BASE + ["--steps", "2", "--interval", "2", "--sparsity", "0.6", "--lmda", "0.02", "--remat", "--mesh", "1x1"],
+    (_BASE + ["--steps", "2", "--interval", "2", "--sparsity", "0.6", "--lmda", "0.02", "--remat", "--mesh", "1x1",
+              *PAPER_ELSA],
      {**_CPU_32, "lmda": 0.02, "sparsity": 0.6, "steps": 2}),
 ]
 
@@ -173,3 +178,32 @@ def test_a_run_writes_the_old_run_config_summary_and_lines(tiny_run, tmp_path, c
       "dense perplexity @32", "magnitude unstructured 60% perplexity @32", "elsa unstructured 60% perplexity @32",
       f"wrote the pruned model to {out / 'model'}", '{"dense_ppl"']
   assert json.loads(lines[-1]) == {k: round(summary[k], 3) for k in ("dense_ppl", "magnitude_ppl", "elsa_ppl")}
+
+
+@pytest.mark.parametrize("flags,distill,allocation", [
+    ([], 0.5, "owl"),                                      # the cpu preset's ELSA: both levers
+    (["--preset", "full", "--sparsity", "0.9"], 0.5, "owl"),
+    (["--distill", "0"], 0.0, "owl"),                      # a flag given replaces its lever only
+    (["--allocation", "global"], 0.5, "global"),
+    (["--distill", "0.25", "--allocation", "uniform"], 0.25, "uniform"),
+    (["--pattern", "2:4"], 0.5, "uniform"),                # N:M fixes every group's count: no OWL
+    (["--sparsity", "0.95"], 0.5, "uniform"),              # 0.95 + OWL's 0.08 leaves [0, 1): no OWL
+    (["--sparsity", "0.05"], 0.5, "uniform"),
+    (["--squarehead"], 0.5, "owl"),                        # SquareHead joins the lever's distillation
+    (["--preset", "paper"], 0.0, "uniform"),               # the paper's recipe has none
+    (["--method", "safe"], 0.0, "uniform"),                # the baselines run as published
+    (["--method", "sparsegpt"], 0.0, "uniform"),
+    (["--method", "wanda", "--finetune-steps", "4"], 0.0, "uniform"),
+])
+def test_elsa_levers_apply_where_their_flag_is_not_given(flags, distill, allocation):
+  hp = _run_config(*flags).method.hyperparameters
+  assert (hp.distill, hp.allocation) == (distill, allocation)
+  assert hp.squarehead == ("--squarehead" in flags)
+
+
+def test_the_levers_are_ones_that_won_and_the_finetune_of_elsa_distills_too():
+  assert dict(config.ELSA_LEVERS) == {"distill": 0.5, "allocation": "owl"}
+  run = _run_config("--finetune-steps", "3", "--finetune-lr", "2e-4")
+  assert (run.finetune_config.distill, run.finetune_config.steps, run.finetune_config.lr) == (0.5, 3, 2e-4)
+  assert run.checkpoint_config()["distill"] == 0.5 and run.checkpoint_config()["allocation"] == "owl"
+  assert "distill" not in _run_config("--method", "sparsegpt").checkpoint_config()

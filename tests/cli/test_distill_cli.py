@@ -26,8 +26,9 @@ def test_the_flags_set_the_method_and_the_recovery_and_are_recorded_only_when_se
   assert run.finetune_checkpoint_config()["distill"] == 0.25
   only_a = _run_config("--preset", "cpu", "--distill", "0.5").checkpoint_config()
   assert only_a["distill"] == 0.5 and "distill_temp" not in only_a and "squarehead" not in only_a
-  plain = _run_config("--preset", "cpu").checkpoint_config()
+  plain = _run_config("--preset", "paper").checkpoint_config()  # no levers: distill's default, 0
   assert not {"distill", "distill_temp", "squarehead"} & set(plain)  # older runs' checkpoints still resume
+  assert _run_config("--preset", "cpu").checkpoint_config()["distill"] == 0.5  # the cpu preset's lever
   # A one-shot method distils in its masked recovery.
   assert _run_config("--method", "wanda", "--distill", "0.5", "--finetune-steps", "2").finetune_config.distill == 0.5
 
@@ -38,7 +39,8 @@ def test_elsa_and_its_masked_recovery_distil_from_the_dense_model(tiny_run, tmp_
   flags = ["--model", str(model_dir), "--calib", str(calib), "--eval-text", str(evalt), "--preset", "cpu",
            "--mesh", "1x1", "--steps", "2", "--interval", "2", "--batch-size", "2", "--seqlen", "32",
            "--eval-seqlen", "32", "--finetune-steps", "2", "--finetune-lr", "3e-3", "--no-compare-magnitude",
-           "--no-dense-eval", "--distill", "0.5", "--squarehead", "--output", str(out)]
+           "--no-dense-eval", "--distill", "0.5", "--squarehead", "--allocation", "uniform",
+           "--output", str(out)]
   assert commands.main(["prune", *flags]) == 0
   for name in ("metrics.jsonl", "finetune_metrics.jsonl"):
     lines = [json.loads(line) for line in (out / name).read_text().splitlines()]

@@ -14,6 +14,8 @@ from transformers import LlamaForCausalLM
 from elsa_jax import models
 from elsa_jax.models import generate, registry
 
+import decoding_checks  # tests/models/decoding_checks.py
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -40,27 +42,16 @@ def _prompts(rng, n=3):
 
 def test_greedy_equals_transformers_greedy_generate(tiny):
   hf, graphdef, params, rng = tiny
-  prompts = _prompts(rng)
-  got = generate.greedy(graphdef, params, prompts, max_new_tokens=12, eos_ids={2}, batch_size=4)
-  for prompt, tokens in zip(prompts, got):
-    with torch.no_grad():
-      ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert tokens == ref[0, len(prompt):].tolist()
+  decoding_checks.assert_greedy_is_transformers_greedy(hf, graphdef, params, _prompts(rng), max_new_tokens=12,
+                                                       eos_id=2)
 
 
 def test_cache_gives_the_full_forward_logits(tiny):
   _, graphdef, params, rng = tiny
-  prompts = _prompts(rng)
-  decode_graphdef, cache = generate.decoding_model(graphdef, params, batch=3, length=48)
-  ids, positions = generate.left_padded(prompts, 32)
-  logits, cache = generate.cached_forward(decode_graphdef, params, cache, jnp.asarray(ids), jnp.asarray(positions))
-  nxt = rng.integers(3, 97, size=(3, 1)).astype(np.int32)
-  lengths = np.array([len(p) for p in prompts], np.int32)
-  step, _ = generate.cached_forward(decode_graphdef, params, cache, jnp.asarray(nxt), jnp.asarray(lengths[:, None]))
-  for row, prompt in enumerate(prompts):
-    full = np.asarray(models.llama.apply(graphdef, params, jnp.asarray([prompt + nxt[row].tolist()])))[0]
-    np.testing.assert_allclose(np.asarray(logits[row, 32 - len(prompt):]), full[:-1], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(step[row, 0]), full[-1], atol=1e-5)
+  decoding_checks.assert_cache_gives_the_full_forward(
+      graphdef, params, _prompts(rng),
+      lambda ids: np.asarray(models.llama.apply(graphdef, params, jnp.asarray([ids])))[0],
+      width=32, length=48, rng=rng, atol=1e-5)
 
 
 def test_without_a_cache_the_same_tokens_are_recomputed(tiny, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -48,6 +49,10 @@ def test_multi_process_run_resumes_and_matches_single_process(tiny_run, processe
   env.pop("ELSA_JAX_TEST_CRASH_IN_SAVE", None)
   rc = launch_local.launch(cmd, processes, devices, timeout=300, env=env)
   assert rc == 0
+  # The defaults (distillation and OWL, whose Wanda scores span both processes' devices) ran in both.
+  ref_summary, summary = (json.loads((d / "summary.json").read_text()) for d in (ref, out))
+  assert summary["config"]["distill"] == 0.5 and summary["allocation"]["name"] == "owl"
+  assert summary["allocation"]["layer_sparsities"] == ref_summary["allocation"]["layer_sparsities"]
   want, got = exported(ref), exported(out)
   assert want.keys() == got.keys()
   for k in want:

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from elsa_jax import hosts
 from elsa_jax.models import llama
 from elsa_jax.run import checkpoint as checkpoint_lib
 from elsa_jax.run import sharding as sharding_lib
@@ -58,7 +59,7 @@ def test_checkpoint_cadence(tmp_path):
   assert not any(train.saves_at(None, d, total=10, end=10) for d in range(1, 11))
   ckpt.close()
   tree = {"a": jnp.arange(3)}
-  assert train.gather_to_hosts(tree) is tree  # one process: nothing to gather
+  assert hosts.gather_to_hosts(tree) is tree  # one process: nothing to gather
 
 
 def test_a_non_finite_loss_stops_the_run_before_it_is_saved(tmp_path):
