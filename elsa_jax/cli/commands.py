@@ -121,8 +121,9 @@ def _add_elsa_args(p: argparse.ArgumentParser) -> None:
                                        "int8 with float8 state)")
   g.add_argument("--compute-dtype", help="bfloat16 | float32 (master weights stay float32)")
   g.add_argument("--seed", type=int)
-  g.add_argument("--allocation", help="uniform (every matrix at --sparsity, default) | owl (per layer from its outlier "
-                                      "ratio, any method) | global (ELSA: one threshold over every matrix)")
+  g.add_argument("--allocation", help="uniform (every matrix at --sparsity) | owl (per layer from its outlier ratio, any "
+                                      "method) | global (ELSA: one threshold over every matrix); default owl for "
+                                      "--method elsa except with --preset paper or N:M, else uniform")
   g.add_argument("--owl-m", type=float, help="OWL's outlier threshold, times a layer's mean Wanda score (5)")
   g.add_argument("--owl-lambda", type=float, help="OWL's half-width of the layer sparsities (0.08)")
   g.add_argument("--global-min", type=float, help="--allocation global: the least sparsity of a matrix "
@@ -130,7 +131,8 @@ def _add_elsa_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--global-max", type=float, help="--allocation global: the most sparsity of a matrix "
                                                   "(default the smaller of --sparsity + 0.1 and (1 + --sparsity) / 2)")
   g.add_argument("--distill", type=float, help="A in [0, 1]: train on (1 - A) CE + A T^2 KL(dense || pruned), the "
-                                             "dense model a frozen teacher (ADMM methods and --finetune-steps; 0)")
+                                             "dense model a frozen teacher (ADMM methods and --finetune-steps; 0.5 for "
+                                             "--method elsa except with --preset paper, else 0)")
   g.add_argument("--distill-temp", type=float, help="T > 0, the softmax temperature of --distill (1)")
   g.add_argument("--squarehead", action="store_true",
                  help="add SquareHead's per-block loss, mean ||h - h_dense||^2 / ||h_dense||^2, to the distillation "
