@@ -43,15 +43,8 @@ from elsa_jax.run import memory
 from elsa_jax.run import sharding as sharding_lib
 from elsa_jax.run import teacher as teacher_lib
 from elsa_jax.run import train
+from model_shapes import SHAPES
 
-SHAPES = {
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True),
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, tie_word_embeddings=True),
-}
 #: The variants timed: label -> the ElsaConfig fields they set.
 VARIANTS = {"no distillation": {}, "KL (--distill 0.5)": {"distill": 0.5},
             "KL + SquareHead (--squarehead)": {"distill": 0.5, "squarehead": True}}
@@ -80,7 +73,7 @@ def step_ms(graphdef, params, cfg: train.ElsaConfig, steps: int, vocab: int) -> 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--shape", choices=SHAPES, default="tiny")
+  parser.add_argument("--shape", choices=("tiny", "small", "smollm2"), default="tiny")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--seqlen", type=int, default=128)
   parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")

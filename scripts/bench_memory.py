@@ -30,17 +30,10 @@ import pathlib
 import subprocess
 import sys
 
-SIZES = {
-    # Small, with a 512-token vocabulary: 99% of its 47.7M params are prunable, so the optimizer dominates.
-    "48m": dict(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
-    # SmolLM2-135M's shape.
-    "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                 num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
-    # TinyLlama-1.1B's shape (the 1.1B row).
-    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-               num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False),
-}
+from model_shapes import SHAPES
+
+#: The sizes measured (the --sizes names) -> their shapes (rope_theta does not change the memory).
+SIZES = {"48m": SHAPES["48m"], "135m": SHAPES["smollm2"], "1b": SHAPES["tinyllama-1.1b"]}
 STATES = {
     "fp32": dict(state_dtype="float32", moment_dtype="float32"),
     "elsa-l": dict(state_dtype="float8_e4m3fn", moment_dtype="int8"),  # and an int8 grad-EMA score

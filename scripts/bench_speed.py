@@ -31,15 +31,8 @@ from flax import nnx
 
 from elsa_jax.models import llama
 from elsa_jax.run import train
+from model_shapes import SHAPES
 
-SHAPES = {
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, tie_word_embeddings=True),
-    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                           num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False),
-}
 
 
 def measure_peak_tflops(dtype=jnp.bfloat16, n=8192, reps=10) -> float:
