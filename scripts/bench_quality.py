@@ -41,7 +41,7 @@ ALL_METHODS = ("magnitude", "wanda", "sparsegpt", "safe", "elsa")
 ALL_PATTERNS = ("0.5", "0.6", "0.7", "0.8", "0.9", "2:4")
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", default="default")
   ap.add_argument("--calib", default="default", help="calibration text (as elsa-jax prune --calib)")
@@ -75,13 +75,16 @@ def main() -> None:
   ap.add_argument("--num-fewshot", type=int)
   ap.add_argument("--limit", type=float, help="documents per task (a fraction if < 1)")
   ap.add_argument("--out-dir", default="results")
-  args = ap.parse_args()
+  return ap
+
+
+def _base_run(args: argparse.Namespace) -> config_lib.RunConfig:
+  """The preset with the flags given applied: every cell's run but for its method, sparsity and folder."""
   tasks = None
   if args.tasks:
     limit = None if args.limit is None else (args.limit if args.limit < 1 else int(args.limit))
     tasks = config_lib.TaskSpec(tuple(args.tasks.split(",")), include_path=args.include_path,
                                 num_fewshot=args.num_fewshot, limit=limit)
-
   preset = config_lib.PRESETS[args.preset]
   overrides = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen,
                                      allocation=args.allocation, lmda=args.lmda, lr=args.lr, interval=args.interval,
@@ -89,25 +92,23 @@ def main() -> None:
                                      lmda_schedule=args.lmda_schedule, state_dtype=args.state_dtype,
                                      moment_dtype=args.moment_dtype, score_dtype=args.score_dtype).items()
                if v is not None}
-  init_method = args.init_method or ("wanda" if args.preset == "cpu" else "dense")
-  oneshot_windows = args.calib_windows or preset.data.calib_windows
-  eval_seqlen = args.eval_seqlen or preset.evaluation.seqlen
-  eval_windows = preset.evaluation.windows if args.eval_windows is None else args.eval_windows
   finetune = {k: v for k, v in dict(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr).items()
               if v is not None}
-  base_run = config_lib.override(
+  return config_lib.override(
       preset, elsa=overrides, model={"path": args.model},
-      data={"calib_windows": oneshot_windows, "calib": args.calib, "eval_text": args.eval_text},
-      method=finetune, evaluation={"windows": eval_windows, "compare_magnitude": False, "seqlen": eval_seqlen,
-                                   "tasks": tasks},
+      data={"calib_windows": args.calib_windows or preset.data.calib_windows, "calib": args.calib,
+            "eval_text": args.eval_text},
+      method=finetune,
+      evaluation={"windows": preset.evaluation.windows if args.eval_windows is None else args.eval_windows,
+                  "compare_magnitude": False, "seqlen": args.eval_seqlen or preset.evaluation.seqlen,
+                  "tasks": tasks},
       output={"overwrite": True, "checkpoint_every": 0},
   )
-  base = base_run.method.elsa
-  out_dir = pathlib.Path(args.out_dir)
-  name = args.preset + (f"-{args.tag}" if args.tag else "")  # of every file and run folder written
-  out_dir.mkdir(parents=True, exist_ok=True)
-  methods = args.methods.split(",")
-  targets = args.sparsities.split(",")
+
+
+def _sweep(base_run: config_lib.RunConfig, methods: list[str], targets: list[str], init_method: str,
+           out_dir: pathlib.Path, name: str) -> tuple[float | None, dict, dict, dict]:
+  """``(dense, perplexities, zero-shot scores, wall seconds)`` of every (method, target) cell, one run each."""
   results: dict[tuple[str, str], float] = {}
   zero_shot: dict[tuple[str, str], dict] = {}
   seconds: dict[str, float] = {}
@@ -133,21 +134,35 @@ def main() -> None:
         zero_shot[(method, target)] = summary["zero_shot"]
       seconds[f"{method}@{target}"] = summary["wall_seconds"]
       print(f"{method:10s} {target:5s} ppl {results[(method, target)]:.2f} ({time.time() - t0:.0f}s)", flush=True)
+  return dense, results, zero_shot, seconds
 
-  device = jax.devices()[0].device_kind
+
+def _header(args: argparse.Namespace, base_run: config_lib.RunConfig, init_method: str, dense: float) -> str:
+  """The table's first line: the budget, ELSA's levers and the evaluation of every cell."""
+  base, evaluation = base_run.method.elsa, base_run.evaluation
+  elsa = config_lib.override(base_run, method={"name": "elsa"}).method.hyperparameters
+  finetune = "" if not args.finetune_steps else \
+      f"; then {args.finetune_steps} masked-recovery steps at lr {base_run.method.finetune_lr}"
+  return (f"model {args.model}, preset {args.preset} (ELSA/SAFE {base.steps} steps x {base.batch_size} x "
+          f"{base.seqlen} tokens from {init_method}, lr {base.lr}, lmda {base.lmda}, interval {base.interval}, "
+          f"score {base.score_source}, lmda schedule {base.lmda_schedule}, SAFE rho {config_lib.SAFE_RHO}; "
+          f"ELSA distill {elsa.distill:g}, allocation {elsa.allocation}; Wanda/SparseGPT "
+          f"{base_run.data.calib_windows} windows x {base.seqlen}; their allocation {base.allocation}{finetune}), "
+          f"eval seqlen {evaluation.seqlen}, windows {evaluation.windows or 'all'}, device "
+          f"{jax.devices()[0].device_kind}, {datetime.date.today()}, dense perplexity {dense:.3f}")
+
+
+def main() -> None:
+  args = _parser().parse_args()
+  base_run = _base_run(args)
+  init_method = args.init_method or ("wanda" if args.preset == "cpu" else "dense")
+  out_dir = pathlib.Path(args.out_dir)
+  name = args.preset + (f"-{args.tag}" if args.tag else "")  # of every file and run folder written
+  out_dir.mkdir(parents=True, exist_ok=True)
+  methods, targets = args.methods.split(","), args.sparsities.split(",")
+  dense, results, zero_shot, seconds = _sweep(base_run, methods, targets, init_method, out_dir, name)
   header = ("| method | " + " | ".join(t if ":" in t else f"{float(t):.0%}" for t in targets) + " |")
-  lines = [
-      f"model {args.model}, preset {args.preset} (ELSA/SAFE {base.steps} steps x {base.batch_size} x "
-      f"{base.seqlen} tokens from {init_method}, lr {base.lr}, lmda {base.lmda}, interval {base.interval}, "
-      f"score {base.score_source}, lmda schedule {base.lmda_schedule}, SAFE rho {config_lib.SAFE_RHO}; Wanda/SparseGPT {oneshot_windows} windows x "
-      f"{base.seqlen}; allocation {base.allocation}"
-      f"{'' if not args.finetune_steps else f'; then {args.finetune_steps} masked-recovery steps at lr {base_run.method.finetune_lr}'}), "
-      f"eval seqlen {eval_seqlen}, windows {eval_windows or 'all'}, device {device}, {datetime.date.today()}, "
-      f"dense perplexity {dense:.3f}",
-      "",
-      header,
-      "|---" * (len(targets) + 1) + "|",
-  ]
+  lines = [_header(args, base_run, init_method, dense), "", header, "|---" * (len(targets) + 1) + "|"]
   for method in methods:
     cells = [results.get((method, t)) for t in targets]
     if all(c is None for c in cells):
@@ -155,9 +170,9 @@ def main() -> None:
     label = method if method not in config_lib.ADMM_METHODS or init_method == "dense" else \
         f"{method} (from {init_method})"
     lines.append(f"| {label} | " + " | ".join("-" if c is None else _fmt(c) for c in cells) + " |")
-  if tasks is not None:
-    zero_shot[("dense", "0%")] = pipeline.evaluate(args.model, None, tasks=tasks)["zero_shot"]
-    lines += ["", *_zero_shot_table(zero_shot, tasks.tasks)]
+  if base_run.evaluation.tasks is not None:
+    zero_shot[("dense", "0%")] = pipeline.evaluate(args.model, None, tasks=base_run.evaluation.tasks)["zero_shot"]
+    lines += ["", *_zero_shot_table(zero_shot, base_run.evaluation.tasks.tasks)]
   table = "\n".join(lines)
   print(table)
   stem = f"quality-{name}"
@@ -165,8 +180,8 @@ def main() -> None:
   (out_dir / f"{stem}.json").write_text(json.dumps(
       {"dense": dense, "init_method": init_method, "results": {f"{m}@{t}": v for (m, t), v in results.items()},
        "zero_shot": {f"{m}@{t}": v for (m, t), v in zero_shot.items()}, "wall_seconds": seconds,
-       "eval_seqlen": eval_seqlen, "eval_windows": eval_windows,
-       "device": device, "date": str(datetime.date.today())}, indent=2))
+       "eval_seqlen": base_run.evaluation.seqlen, "eval_windows": base_run.evaluation.windows,
+       "device": jax.devices()[0].device_kind, "date": str(datetime.date.today())}, indent=2))
   _plot(results, dense, methods, [t for t in targets if ":" not in t], out_dir / f"{stem}.png")
 
 

